@@ -1,0 +1,1 @@
+"""Components with one job each; the stages in dskd.stages compose them."""
