@@ -1,0 +1,134 @@
+"""Eval metrics: ROUGE-L and exact match on decoded text, seed aggregation, and teacher-fidelity math.
+
+Text metrics follow the DSKD paper: ROUGE-L F-measure from `rouge-score` with the Porter stemmer,
+max over an example's references, mean over examples x100, computed per seed; the table number is
+mean ± std over seeds. Fidelity functions are pure tensor math (token sums, so callers can pool
+them token-weighted over any number of examples); `stages/evaluate.py` feeds them from the cache.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+
+
+@lru_cache(maxsize=1)
+def _scorer() -> rouge_scorer.RougeScorer:
+    # Built once: constructing the stemmer-backed scorer is the slow part of scoring short texts.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Sequence[str]) -> float:
+    """ROUGE-L F-measure in [0, 1], max over `references` (the paper's multi-reference rule)."""
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    scorer = _scorer()
+    # rouge-score's signature is score(target, prediction).
+    return max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style normalization: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, references: Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals any normalized reference, else 0.0."""
+    if not references:
+        raise ValueError("exact_match needs at least one reference")
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(ref) for ref in references))
+
+
+def score_texts(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Corpus scores x100 for one (model, eval set, seed): {"rougeL": .., "exact_match": ..}."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
+    if not predictions:
+        raise ValueError("cannot score an empty set of predictions")
+    rl = [rouge_l(p, r) for p, r in zip(predictions, references)]
+    em = [exact_match(p, r) for p, r in zip(predictions, references)]
+    return {"rougeL": 100.0 * sum(rl) / len(rl), "exact_match": 100.0 * sum(em) / len(em)}
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and population std (ddof=0, numpy's default); one value gives std 0."""
+    vals = list(values)
+    if not vals:
+        raise ValueError("mean_std of no values")
+    mean = sum(vals) / len(vals)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+
+
+def summarize_seeds(per_seed: Mapping[int, float]) -> dict:
+    """{"per_seed": {seed: x}, "mean": m, "std": s}: the shape every number in results.json takes."""
+    mean, std = mean_std(per_seed.values())
+    return {"per_seed": {str(k): v for k, v in per_seed.items()}, "mean": mean, "std": std}
+
+
+# --------------------------------------------------------------------------- fidelity (pure math)
+
+
+def token_fidelity(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> dict[str, float]:
+    """Summed KL(teacher ‖ student) and top-1 agreements over T positions (same vocabulary).
+
+    teacher_logits, student_logits: (T, V) at the same positions (rows already restricted to the
+    positions to score). Returns sums, not means, so callers pool token-weighted across examples.
+    Callers slice both to the shared vocabulary first (models often pad V past len(tokenizer)).
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(teacher_logits.shape)} vs student {tuple(student_logits.shape)}:"
+            " fidelity needs the same positions and vocabulary"
+        )
+    t_logp = F.log_softmax(teacher_logits.float(), dim=-1)  # (T, V)
+    s_logp = F.log_softmax(student_logits.float(), dim=-1)  # (T, V)
+    # xlogy-style: positions where p_t == 0 contribute 0 even if log p_s = -inf.
+    kl = (t_logp.exp() * (t_logp - s_logp)).nan_to_num(nan=0.0, posinf=math.inf).sum(-1)  # (T,)
+    agree = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum()
+    return {"kl_sum": kl.sum().item(), "agree": agree.item(), "tokens": teacher_logits.shape[0]}
+
+
+def response_nll(student_logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Summed token NLL of `labels` under the student; label -100 is ignored.
+
+    student_logits: (T, V), labels: (T,) already shifted (label[k] is the target of logits[k]).
+    """
+    mask = labels != -100
+    if not mask.any():
+        return {"nll_sum": 0.0, "tokens": 0}
+    nll = F.cross_entropy(student_logits[mask].float(), labels[mask], reduction="sum")
+    return {"nll_sum": nll.item(), "tokens": int(mask.sum().item())}
+
+
+def add_sums(total: dict[str, float], part: Mapping[str, float]) -> dict[str, float]:
+    """Accumulate the sum dicts returned by token_fidelity / response_nll (in place, returned)."""
+    for k, v in part.items():
+        total[k] = total.get(k, 0) + v
+    return total
+
+
+def finalize_fidelity(fid: Mapping[str, float], nll: Mapping[str, float]) -> dict[str, float | None]:
+    """Token-weighted means from pooled sums: kl, top1_agreement (x100), nll, ppl."""
+    out: dict[str, float | None] = {"kl": None, "top1_agreement": None, "nll": None, "ppl": None}
+    if fid.get("tokens"):
+        out["kl"] = fid["kl_sum"] / fid["tokens"]
+        out["top1_agreement"] = 100.0 * fid["agree"] / fid["tokens"]
+        out["fidelity_tokens"] = int(fid["tokens"])
+    if nll.get("tokens"):
+        out["nll"] = nll["nll_sum"] / nll["tokens"]
+        out["ppl"] = math.exp(out["nll"])
+        out["nll_tokens"] = int(nll["tokens"])
+    return out

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+
+from dskd.pipeline import metrics
+
+# (prediction, references, hand-checked ROUGE-L F, exact match). Hand computation: rouge-score
+# lowercases, keeps [a-z0-9] tokens, Porter-stems; F = 2PR/(P+R) with P = LCS/|pred|,
+# R = LCS/|ref|.
+FIXTURE = [
+    # identical up to case -> 1, and EM ignores case/articles
+    ("The cat sat on the mat", ["the cat sat on the mat"], 1.0, 1.0),
+    # pred: cat run fast; ref1: the cat are run -> LCS 2, P 2/3, R 2/4, F 4/7; ref2 scores 0
+    ("cat running fast", ["the cats are running", "a dog"], 4 / 7, 0.0),
+    # ref2: the sky is blue -> LCS 1, P 1/2, R 1/4, F 1/3; the max picks the second reference
+    ("blue sky", ["green grass", "the sky is blue"], 1 / 3, 0.0),
+    # empty generation scores 0
+    ("", ["anything at all"], 0.0, 0.0),
+    # stemming makes these equal for ROUGE but not for exact match
+    ("running dogs", ["run dog"], 1.0, 0.0),
+    # EM: punctuation and articles are dropped, any reference may match; ROUGE P 1/2, R 1 -> 2/3
+    ("The answer.", ["wrong", "answer"], 2 / 3, 1.0),
+]
+
+
+@pytest.mark.parametrize("pred,refs,rouge,em", FIXTURE)
+def test_rouge_and_em_hand_checked(pred, refs, rouge, em):
+    assert metrics.rouge_l(pred, refs) == pytest.approx(rouge)
+    assert metrics.exact_match(pred, refs) == em
+
+
+def test_rouge_matches_rouge_score_direct():
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for pred, refs, _, _ in FIXTURE:
+        direct = scorer.score_multi(refs, pred)["rougeL"].fmeasure
+        assert metrics.rouge_l(pred, refs) == pytest.approx(direct)
+
+
+def test_score_texts_is_mean_times_100():
+    preds = [f[0] for f in FIXTURE]
+    refs = [f[1] for f in FIXTURE]
+    out = metrics.score_texts(preds, refs)
+    assert out["rougeL"] == pytest.approx(100 * sum(f[2] for f in FIXTURE) / len(FIXTURE))
+    assert out["exact_match"] == pytest.approx(100 * 2 / len(FIXTURE))
+
+
+def test_score_texts_rejects_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        metrics.score_texts([], [])
+    with pytest.raises(ValueError, match="2 predictions but 1"):
+        metrics.score_texts(["a", "b"], [["a"]])
+    with pytest.raises(ValueError, match="at least one reference"):
+        metrics.rouge_l("a", [])
+
+
+def test_summarize_seeds():
+    out = metrics.summarize_seeds({10: 1.0, 20: 3.0})
+    assert out == {"per_seed": {"10": 1.0, "20": 3.0}, "mean": 2.0, "std": 1.0}
+    assert metrics.summarize_seeds({10: 5.0})["std"] == 0.0
+
+
+def test_token_fidelity_hand_checked():
+    # Teacher p = (0.5, 0.5), student q = (0.75, 0.25): KL = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25)
+    t = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    s = torch.log(torch.tensor([[0.75, 0.25], [0.2, 0.8]]))
+    out = metrics.token_fidelity(t, s)
+    kl0 = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    kl1 = 0.9 * math.log(0.9 / 0.2) + 0.1 * math.log(0.1 / 0.8)
+    assert out["kl_sum"] == pytest.approx(kl0 + kl1, rel=1e-5)
+    # row 0: teacher tie -> argmax 0, student 0 -> agree; row 1: 0 vs 1 -> disagree
+    assert out["agree"] == 1 and out["tokens"] == 2
+    assert metrics.token_fidelity(s, s)["kl_sum"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_token_fidelity_masked_teacher_vocab_is_finite():
+    t = torch.tensor([[0.0, -math.inf, 1.0]])
+    s = torch.tensor([[0.0, -math.inf, 0.0]])
+    out = metrics.token_fidelity(t, s)
+    assert math.isfinite(out["kl_sum"]) and out["kl_sum"] > 0
+    # student assigns zero mass where the teacher has some -> KL is infinite, not clamped
+    assert metrics.token_fidelity(torch.zeros(1, 3), t)["kl_sum"] == math.inf
+    with pytest.raises(ValueError, match="same positions and vocabulary"):
+        metrics.token_fidelity(t, s[:, :2])
+
+
+def test_response_nll_and_finalize():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7)
+    labels = torch.tensor([-100, -100, 3, 1, 6])
+    out = metrics.response_nll(logits, labels)
+    ref = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+    assert out["nll_sum"] == pytest.approx(ref) and out["tokens"] == 3
+    assert metrics.response_nll(logits, torch.full((5,), -100))["tokens"] == 0
+
+    fid = metrics.add_sums({}, {"kl_sum": 1.0, "agree": 1, "tokens": 2})
+    metrics.add_sums(fid, {"kl_sum": 2.0, "agree": 2, "tokens": 2})
+    nll = metrics.add_sums({}, out)
+    final = metrics.finalize_fidelity(fid, nll)
+    assert final["kl"] == pytest.approx(0.75) and final["top1_agreement"] == pytest.approx(75.0)
+    assert final["ppl"] == pytest.approx(math.exp(ref / 3))
+    assert metrics.finalize_fidelity({}, {})["kl"] is None
