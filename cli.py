@@ -1,0 +1,190 @@
+"""The `dskd` command line: a thin Typer app over the stages.
+
+Each stage module defines a config dataclass and ``run(cfg)``; its options are generated from the
+dataclass fields, so a flag, a config-file key and a ``config.yaml`` key are always the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args, get_origin
+
+import click
+import typer
+
+from .pipeline.config import ConfigError, field_types, flag_name, load_config_file, resolve, unwrap_optional
+
+app = typer.Typer(
+    help="dskd: cache a teacher once, distill students with DSKD, evaluate them like the paper.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Inspect and verify a teacher cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+# command name -> (stage module, config class, issue that builds it)
+STAGES = {
+    "cache-teacher": ("dskd.stages.cache_teacher", "CacheTeacherConfig",
+                      "Run the teacher once over a dataset and write the cache (stage 1)."),
+    "distill": ("dskd.stages.distill", "DistillConfig",
+                "Train a student from the cache (or online / SFT) (stage 2)."),
+    "eval": ("dskd.stages.evaluate", "EvalConfig",
+             "Generate with models and score them the paper's way (stage 3)."),
+    "quickstart": ("dskd.stages.quickstart", "QuickstartConfig",
+                   "The whole pipeline on a generated toy world, on a laptop CPU."),
+}
+
+
+def fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _option_for(name: str, tp: Any, default: Any, help_text: str) -> tuple[Any, Any]:
+    """Typer annotation + Option for one config field. Values stay raw; resolve() coerces them."""
+    base, _ = unwrap_optional(tp)
+    origin = get_origin(base)
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": default is not None}
+    if origin is Literal:
+        kwargs["click_type"] = click.Choice([str(c) for c in get_args(base)])
+        annot: Any = Optional[str]
+    elif origin is list:
+        annot = Optional[list[str]]
+        kwargs["help"] = help_text + " (repeat the flag or separate values with commas)"
+    elif base is bool:
+        return Optional[bool], typer.Option(None, f"{flag_name(name)}/--no-{flag_name(name)[2:]}",
+                                            help=help_text + f" [default: {default}]",
+                                            show_default=False)
+    elif base in (int, float, str):
+        annot = Optional[base]
+    else:
+        annot = Optional[str]
+    if default is not None and not kwargs.get("show_default") is False:
+        kwargs["help"] = kwargs["help"] + f" [default: {default}]"
+    kwargs["show_default"] = False
+    return annot, typer.Option(None, flag_name(name), **kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def make_command(cls: type, run: Any):
+    """A Typer callback whose signature lists one option per dataclass field, plus --config."""
+    hints = field_types(cls)
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, "--config",
+                                                     help="YAML file whose keys are these flag names; flags override it."))]
+    for f in dataclasses.fields(cls):
+        annot, opt = _option_for(f.name, hints[f.name], _default(f), f.metadata.get("help", ""))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annot, default=opt))
+
+    def callback(**kwargs: Any) -> None:
+        config_file = kwargs.pop("config")
+        explicit = {k: v for k, v in kwargs.items() if v is not None}
+        try:
+            file_values = load_config_file(config_file, cls) if config_file else {}
+            cfg = resolve(cls, file_values, explicit)
+        except (ConfigError, TypeError) as e:
+            fail(str(e))
+        try:
+            out = run(cfg)
+        except KeyboardInterrupt:
+            fail("interrupted; rerun the same command to resume", code=130)
+        except Exception as e:  # user-facing errors carry their own message; bugs keep a traceback
+            if _is_user_error(e):
+                fail(str(e), code=1)
+            raise
+        if out is not None:
+            typer.echo(f"done: {out}")
+
+    callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return callback
+
+
+def _is_user_error(e: Exception) -> bool:
+    """Our own error types (data, config, cache, tokenizer problems) print as one clear line."""
+    return type(e).__module__.startswith("dskd.") and isinstance(e, (ValueError, OSError, RuntimeError))
+
+
+def _not_built(name: str, reason: str):
+    def callback() -> None:
+        fail(f"`dskd {name}` is not built yet ({reason})")
+
+    return callback
+
+
+def _register(name: str, module: str, cls_name: str, help_text: str) -> None:
+    try:
+        mod = importlib.import_module(module)
+        cls, run = getattr(mod, cls_name), getattr(mod, "run")
+    except ModuleNotFoundError as e:
+        if e.name != module:
+            raise
+        app.command(name, help=help_text + " [not built yet]")(_not_built(name, f"{module} is missing"))
+        return
+    except AttributeError as e:
+        app.command(name, help=help_text + " [not built yet]")(_not_built(name, str(e)))
+        return
+    app.command(name, help=(mod.__doc__ or help_text).strip().split("\n")[0])(make_command(cls, run))
+
+
+for _name, (_module, _cls, _help) in STAGES.items():
+    _register(_name, _module, _cls, _help)
+
+
+@cache_app.command("inspect")
+def cache_inspect(cache_dir: Path = typer.Argument(..., help="cache directory"),
+                  as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
+    """Teacher, counts, fingerprints, bytes/token per field, dtypes."""
+    try:
+        from .pipeline.cache.inspect import format_inspect, inspect_cache
+    except ModuleNotFoundError:
+        fail("`dskd cache inspect` is not built yet (pipeline.cache.inspect is missing)")
+    import json
+
+    try:
+        info = inspect_cache(cache_dir)
+    except Exception as e:
+        if _is_user_error(e):
+            fail(str(e), code=1)
+        raise
+    typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
+
+
+@cache_app.command("verify")
+def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory")) -> None:
+    """Checksums, shapes, offsets, token ids in range, NaN/inf; exits 1 naming each bad shard."""
+    try:
+        from .pipeline.cache.verify import verify_cache
+    except ModuleNotFoundError:
+        fail("`dskd cache verify` is not built yet (pipeline.cache.verify is missing)")
+    try:
+        problems = verify_cache(cache_dir)
+    except Exception as e:
+        if _is_user_error(e):
+            fail(str(e), code=1)
+        raise
+    if problems:
+        for p in problems:
+            typer.secho(f"BAD {p}", fg=typer.colors.RED, err=True)
+        fail(f"{len(problems)} problem(s) in {cache_dir}; rerun cache-teacher on it to rewrite "
+             "the bad shards (or --overwrite to start over)", code=1)
+    typer.echo(f"OK: {cache_dir}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
