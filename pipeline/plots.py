@@ -1,0 +1,150 @@
+"""Eval plots (PNG): method comparison bars with seed error bars, and training curves.
+
+Figures are built with ``matplotlib.figure.Figure`` (Agg canvas) rather than pyplot, so nothing
+global is switched and no display is ever needed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+# metrics.jsonl keys that are bookkeeping, not curves
+_NOT_CURVES = {"step", "epoch", "time", "elapsed_s", "wall_time", "timestamp", "shard", "row"}
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write a PNG to a temp name, then rename: a half-written plot never has the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def method_bars_figure(
+    table: Mapping[str, Mapping[str, tuple[float, float]]],
+    columns: Sequence[str],
+    *,
+    ylabel: str = "ROUGE-L",
+    title: str = "Method comparison (mean ± std over seeds)",
+) -> Figure:
+    """Grouped bars: one group per column (eval set, "Average"), one bar per model (row).
+
+    table[model][column] = (mean, std); a missing cell is left empty.
+    """
+    models = list(table)
+    if not models or not columns:
+        raise ValueError("plot_method_bars needs at least one model and one column")
+    width = 0.8 / len(models)
+    fig = Figure(figsize=(max(5.0, 1.2 + 1.1 * len(columns) * max(1, len(models)) * 0.6), 4.2))
+    ax = fig.add_subplot()
+    for j, model in enumerate(models):
+        xs, means, stds = [], [], []
+        for i, col in enumerate(columns):
+            cell = table[model].get(col)
+            if cell is None or cell[0] is None:
+                continue
+            xs.append(i - 0.4 + width * (j + 0.5))
+            means.append(cell[0])
+            stds.append(cell[1] or 0.0)
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=model)
+        for x, m, s in zip(xs, means, stds):  # value above its error bar, not hidden under it
+            ax.annotate(f"{m:.1f}", (x, m + s), xytext=(0, 2), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(columns)), list(columns))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig
+
+
+def plot_method_bars(table: Mapping[str, Mapping[str, tuple[float, float]]],
+                     columns: Sequence[str], out: str | Path, **kw: str) -> Path:
+    """`method_bars_figure` written to `out` (PNG)."""
+    return _save(method_bars_figure(table, columns, **kw), Path(out))
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def find_run_metrics(model_dir: str | Path, levels_up: int = 2) -> Path | None:
+    """`metrics.jsonl` in the model dir or up to `levels_up` parents (RUN/checkpoints/step-N)."""
+    p = Path(model_dir).resolve()
+    for d in [p, *p.parents][: levels_up + 1]:
+        if (d / "metrics.jsonl").is_file():
+            return d / "metrics.jsonl"
+    return None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; an unparsable line (a run killed mid-write) is skipped."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "step" in row:
+                rows.append(row)
+    return rows
+
+
+def curve_keys(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
+    """Numeric keys worth a panel, losses first, in first-seen order."""
+    keys: list[str] = []
+    for rows in runs.values():
+        for row in rows:
+            for k, v in row.items():
+                if (k not in _NOT_CURVES and k not in keys and isinstance(v, (int, float))
+                        and not isinstance(v, bool)):
+                    keys.append(k)
+    return sorted(keys, key=lambda k: (0 if "loss" in k else 1, keys.index(k)))
+
+
+def training_curves_figure(runs: Mapping[str, Sequence[Mapping]],
+                           *, title: str = "Training curves") -> Figure:
+    """One panel per logged quantity (loss terms, lr, tokens/s...), one line per run, x = step."""
+    keys = curve_keys(runs)
+    if not keys:
+        raise ValueError("no numeric columns to plot in the given metrics")
+    ncols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    fig.suptitle(title)
+    for n, key in enumerate(keys):
+        ax = fig.add_subplot(nrows, ncols, n + 1)
+        for name, rows in runs.items():
+            pts = [(r["step"], r[key]) for r in rows
+                   if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    fig.axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], out: str | Path,
+                         **kw: str) -> Path:
+    """`training_curves_figure` written to `out` (PNG)."""
+    return _save(training_curves_figure(runs, **kw), Path(out))

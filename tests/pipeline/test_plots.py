@@ -1,0 +1,93 @@
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from dskd.pipeline import plots
+
+TABLE = {
+    "sft": {"dolly": (20.0, 0.5), "vicuna": (14.0, 0.3), "Average": (17.0, 0.4)},
+    "dskd": {"dolly": (24.0, 0.2), "vicuna": (16.0, 0.6), "Average": (20.0, 0.3)},
+}
+COLUMNS = ["dolly", "vicuna", "Average"]
+
+
+def _bars(ax):
+    return [p for p in ax.patches if p.get_width() > 0]
+
+
+def test_method_bars_show_means_and_seed_error_bars():
+    fig = plots.method_bars_figure(TABLE, COLUMNS)
+    ax = fig.axes[0]
+    heights = sorted(round(b.get_height(), 6) for b in _bars(ax))
+    assert heights == sorted(m for row in TABLE.values() for m, _ in row.values())
+    assert [t.get_text() for t in ax.get_xticklabels()] == COLUMNS
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sft", "dskd"]
+    # error bars: one vertical segment per bar, total length 2*std
+    spans = sorted(round(float(seg[1, 1] - seg[0, 1]), 6)
+                   for c in ax.collections for seg in c.get_segments())
+    assert spans == sorted(2 * s for row in TABLE.values() for _, s in row.values())
+    # bar value labels carry the means
+    labels = {t.get_text() for t in ax.texts}
+    assert {"20.0", "24.0", "17.0"} <= labels
+
+
+def test_method_bars_png_opens(tmp_path):
+    out = plots.plot_method_bars(TABLE, COLUMNS, tmp_path / "bars.png")
+    img = imread(out)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    assert np.std(img[..., :3]) > 0.05  # not a blank canvas
+    assert not list(tmp_path.glob(".*.png"))  # no temp file left behind
+
+
+def test_method_bars_skip_missing_cells():
+    table = {"a": {"x": (1.0, 0.1)}, "b": {"x": (2.0, 0.0), "y": (3.0, 0.0)}}
+    fig = plots.method_bars_figure(table, ["x", "y"])
+    assert len(_bars(fig.axes[0])) == 3
+    with pytest.raises(ValueError):
+        plots.method_bars_figure({}, ["x"])
+
+
+def _write_metrics(path, n, scale):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for s in range(n):
+            f.write(json.dumps({"step": s, "loss": scale / (s + 1), "kd_loss": 0.5 * scale / (s + 1),
+                                "lr": 1e-4 * s / n, "tokens_per_s": 1000.0 + s}) + "\n")
+        f.write('{"step": 99, "loss": 0.')  # a run killed mid-write
+
+
+def test_find_and_read_run_metrics(tmp_path):
+    run = tmp_path / "run-dskd"
+    _write_metrics(run / "metrics.jsonl", 5, 2.0)
+    ckpt = run / "checkpoints" / "step-4"
+    ckpt.mkdir(parents=True)
+    assert plots.find_run_metrics(ckpt) == (run / "metrics.jsonl").resolve()
+    (run / "final").mkdir()
+    assert plots.find_run_metrics(run / "final") == (run / "metrics.jsonl").resolve()
+    deep = run / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    assert plots.find_run_metrics(deep) is None  # more than 2 levels up is someone else's run
+    rows = plots.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(5))  # truncated last line skipped
+
+
+def test_training_curves_panels_and_lines(tmp_path):
+    _write_metrics(tmp_path / "a.jsonl", 6, 2.0)
+    _write_metrics(tmp_path / "b.jsonl", 4, 3.0)
+    runs = {"sft": plots.read_metrics(tmp_path / "a.jsonl"),
+            "dskd": plots.read_metrics(tmp_path / "b.jsonl")}
+    assert plots.curve_keys(runs) == ["loss", "kd_loss", "lr", "tokens_per_s"]
+    fig = plots.training_curves_figure(runs)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "kd_loss", "lr", "tokens_per_s"]
+    loss_ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}
+    assert set(lines) == {"sft", "dskd"}
+    np.testing.assert_allclose(lines["dskd"].get_ydata(), [3.0 / (s + 1) for s in range(4)])
+    np.testing.assert_allclose(lines["sft"].get_xdata(), range(6))
+    out = plots.plot_training_curves(runs, tmp_path / "curves.png")
+    assert imread(out).shape[1] > 600
+    with pytest.raises(ValueError, match="no numeric"):
+        plots.training_curves_figure({"x": [{"step": 1}]})
