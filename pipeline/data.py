@@ -110,7 +110,15 @@ class BadRows:
 
 # --------------------------------------------------------------------------- reading rows
 
-def _read_jsonl(path: Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
+@dataclass(frozen=True)
+class Unreadable:
+    """A row that could not even be parsed; handled in row order with the other bad rows."""
+
+    reason: str
+    preview: str
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open("rb") as f:
         for i, line in enumerate(f):
             if not line.strip():
@@ -118,15 +126,16 @@ def _read_jsonl(path: Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as e:
-                bad.handle(i, f"invalid UTF-8 at byte {e.start}", line[:200].decode("utf-8", "replace"))
+                yield i, Unreadable(f"invalid UTF-8 at byte {e.start}",
+                                    line[:200].decode("utf-8", "replace"))
                 continue
             try:
                 yield i, json.loads(text)
             except json.JSONDecodeError as e:
-                bad.handle(i, f"invalid JSON ({e.msg} at column {e.colno})", text)
+                yield i, Unreadable(f"invalid JSON ({e.msg} at column {e.colno})", text)
 
 
-def _read_with_datasets(path: str, bad: BadRows) -> Iterator[tuple[int, Any]]:
+def _read_with_datasets(path: str) -> Iterator[tuple[int, Any]]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -157,15 +166,15 @@ def _read_with_datasets(path: str, bad: BadRows) -> Iterator[tuple[int, Any]]:
     yield from enumerate(ds)
 
 
-def read_rows(path: str | Path, bad: BadRows) -> Iterator[tuple[int, Any]]:
-    """(row number, raw row) pairs from any supported source."""
+def read_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(row number, raw row or ``Unreadable``) pairs from any supported source."""
     p = Path(path)
     if p.suffix.lower() == ".jsonl" or (p.suffix.lower() == ".json" and _looks_like_jsonl(p)):
         if not p.is_file():
             raise DataError(f"{p}: file not found. Check the path given to --data.")
-        yield from _read_jsonl(p, bad)
+        yield from _read_jsonl(p)
     else:
-        yield from _read_with_datasets(str(path), bad)
+        yield from _read_with_datasets(str(path))
 
 
 def _looks_like_jsonl(p: Path) -> bool:
@@ -252,6 +261,18 @@ def _normalize(s: str) -> str:
     return unicodedata.normalize("NFC", s).strip()
 
 
+def _schema_of(rows: list[tuple[int, Any]]) -> dict[str, str]:
+    """The schema of the first row that matches one; rows before it that don't are bad rows."""
+    columns: set[str] = set()
+    for _, raw in rows:
+        if isinstance(raw, dict):
+            try:
+                return SCHEMAS[detect_schema(set(raw))]
+            except DataError:
+                columns |= set(raw)
+    return SCHEMAS[detect_schema(columns)]  # raises, naming the columns seen
+
+
 def example_id(fields: dict[str, Any]) -> str:
     """16-hex sha256 of the normalized source fields: stable across reloads and machines."""
     norm = {k: (_normalize(v) if isinstance(v, str) else
@@ -321,15 +342,16 @@ def load_examples(
     chat = hf_chat_template(tokenizer) if template == "chat" else None
     examples: list[Example] = []
     seen: dict[str, int] = {}
-    schema_map: dict[str, str] | None = fmap
-    for row, raw in read_rows(path, bad):
+    rows = list(read_rows(path))
+    if not rows:
+        raise DataError(f"{path}: no examples found (the file is empty)")
+    schema_map = fmap or _schema_of(rows)
+    for row, raw in rows:
         if limit is not None and len(examples) >= limit:
             break
-        if schema_map is None:
-            if not isinstance(raw, dict):
-                bad.handle(row, f"row is a {type(raw).__name__}, expected an object", raw)
-                continue
-            schema_map = SCHEMAS[detect_schema(set(raw))]
+        if isinstance(raw, Unreadable):
+            bad.handle(row, raw.reason, raw.preview)
+            continue
         try:
             f = _canonical(raw, schema_map, row)
             prompt_src = _text(row, "prompt", f.get("prompt"), False)

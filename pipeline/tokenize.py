@@ -120,3 +120,16 @@ def response_mask(ex: TokenizedExample) -> list[bool]:
     """Per model-input position k (n-1 of them): is label k supervised?"""
     _, labels = model_inputs(ex)
     return [lab != IGNORE_INDEX for lab in labels]
+
+
+def tokenize_all(examples: list[Example], tokenizer: Any, max_prompt_len: int, max_len: int,
+                 bad: Any) -> list[TokenizedExample]:
+    """Tokenize a dataset under the bad-row policy (``data.BadRows``): raise or skip-and-record."""
+    check_tokenizer(tokenizer)
+    out = []
+    for ex in examples:
+        try:
+            out.append(tokenize_example(ex, tokenizer, max_prompt_len, max_len))
+        except TokenizeError as e:
+            bad.handle(ex.row, str(e), ex.prompt[:200])
+    return out
