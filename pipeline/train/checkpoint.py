@@ -1,0 +1,196 @@
+"""Checkpoints a run can continue from: atomic, keep-last-K plus the best, newest-complete lookup.
+
+Layout of one checkpoint (``RUN_DIR/checkpoints/step-000120/``)::
+
+    student/                 HF save_pretrained (safetensors) + tokenizer; LoRA: the adapter
+    projectors.safetensors   the loss module's parameters (projectors), maybe empty
+    optimizer.pt             full (un-sharded) optimizer state, keyed by parameter name
+    trainer.json             step, data position, schedule, best metric, config, per-rank positions
+    rng.pt                   RNG states of every rank (python, numpy, torch, cuda)
+
+A checkpoint is written under ``.tmp-step-…`` and renamed into place as a whole, so a directory
+named ``step-N`` is always complete; a crash mid-save leaves only a temp dir, removed next time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_SUBDIR = "checkpoints"
+_PREFIX = "step-"
+_TMP = ".tmp-"
+TRAINER_FILE = "trainer.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used to resume; the message names it."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{step:08d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp dirs of interrupted saves are ignored)."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(_PREFIX) and (p / TRAINER_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def new_temp_dir(parent: Path, name: str) -> Path:
+    """An empty temp dir beside the final one (same filesystem, so the rename is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / f"{_TMP}{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Rename a finished temp dir to its final name, replacing an older one of that name."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{_TMP}old-{final.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_temps(parent: Path) -> None:
+    """Temp dirs left by a save that crashed (any pid) are garbage."""
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.name.startswith(_TMP):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def write_checkpoint(
+    ckpt_dir: Path,
+    *,
+    save_student: Any,
+    projectors: dict[str, torch.Tensor],
+    optimizer: dict[str, Any],
+    trainer: dict[str, Any],
+    rng: list[dict[str, Any]],
+) -> None:
+    """Fill an (empty, temp) checkpoint dir. `save_student(dir)` writes the HF student there."""
+    save_student(ckpt_dir / "student")
+    # safetensors refuses shared storage; projectors never share, but clone keeps that true.
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in projectors.items()},
+              str(ckpt_dir / "projectors.safetensors"))
+    torch.save(optimizer, ckpt_dir / "optimizer.pt")
+    torch.save(rng, ckpt_dir / "rng.pt")
+    # trainer.json last: list_checkpoints() also requires it (belt and braces over the rename).
+    (ckpt_dir / TRAINER_FILE).write_text(json.dumps(trainer, indent=2, default=str) + "\n")
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, **parts: Any) -> Path:
+    """Write checkpoint `step` atomically (temp dir + rename); see write_checkpoint for parts."""
+    root = Path(run_dir) / CKPT_SUBDIR
+    remove_stale_temps(root)
+    tmp = new_temp_dir(root, checkpoint_name(step))
+    try:
+        write_checkpoint(tmp, **parts)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_dir(tmp, root / checkpoint_name(step))
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
+    """trainer state, projector tensors, optimizer state and per-rank RNG of one checkpoint."""
+    d = Path(ckpt_dir)
+    try:
+        trainer = json.loads((d / TRAINER_FILE).read_text())
+        return {
+            "trainer": trainer,
+            "projectors": load_file(str(d / "projectors.safetensors")),
+            "optimizer": torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False),
+            "rng": torch.load(d / "rng.pt", map_location="cpu", weights_only=False),
+            "student_dir": d / "student",
+        }
+    except Exception as e:  # noqa: BLE001 - json/pickle/safetensors each raise their own types
+        raise CheckpointError(f"checkpoint {d} is unreadable ({type(e).__name__}: {e}); delete it "
+                              "to resume from the one before") from None
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def best_info(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    p = Path(run_dir) / CKPT_SUBDIR / "best.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def mark_best(run_dir: str | os.PathLike, step: int, metric: str, value: float) -> None:
+    root = Path(run_dir) / CKPT_SUBDIR
+    info = {"step": step, "checkpoint": checkpoint_name(step), "metric": metric, "value": value}
+    tmp = root / f"{_TMP}best.json"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, root / "best.json")
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` checkpoints, never the best one; returns deleted."""
+    if keep_last <= 0:
+        return []
+    found = list_checkpoints(run_dir)
+    best = best_info(run_dir)
+    keep = {p.name for p in found[-keep_last:]} | ({best["checkpoint"]} if best else set())
+    deleted = []
+    for p in found:
+        if p.name not in keep:
+            # Rename first so a crash mid-delete never leaves a half checkpoint with a real name.
+            doomed = p.with_name(f"{_TMP}del-{p.name}")
+            os.replace(p, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            deleted.append(p)
+    return deleted

@@ -1,0 +1,199 @@
+"""Streaming batches over a row source (a teacher cache or an in-memory data file).
+
+The order of an epoch is planned on row *indices* only, so planning is cheap and the rows
+themselves are read lazily, a micro-batch at a time, by whoever consumes them:
+
+1. rows are cut into blocks of `block_size` consecutive indices (consecutive rows live in the
+   same shard and chunk, so a block reads sequentially); the block order is permuted with an RNG
+   seeded by (seed, epoch);
+2. the resulting stream passes through a bounded shuffle buffer of `shuffle_buffer` indices
+   (same RNG) — memory is O(buffer + rows/block_size) integers whatever the cache size;
+3. the stream is cut into *global* micro-batches of `batch_size × world_size` rows; rank r takes
+   the r-th slice of each, and on each rank DataLoader worker w takes micro-batches
+   m ≡ start + w (mod num_workers), which is exactly the round-robin order in which DataLoader
+   collects them. So ranks and workers never overlap, every rank runs the same number of
+   micro-batches (the plan is global, nothing to agree on at the end), and the global batch at
+   step k is the same for 1 process × grad_accum N and N processes × grad_accum 1.
+
+The data position is one pair (epoch, micro-batch index); resuming re-plans the epoch (integers
+only) and skips to it. The last global micro-batch of an epoch may be short: it is split as evenly
+as the ranks allow, and a rank left with nothing gets one *padding* row whose labels are all
+masked (it adds nothing to any loss or token count), so no rank waits at a barrier alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+class RowSource(Protocol):
+    """Rows addressed by a global index 0..num_rows-1 (cache: shards concatenated in order)."""
+
+    num_rows: int
+
+    def fetch(self, indices: Sequence[int]) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    batch_size: int  # rows per rank per micro-batch
+    world_size: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    block_size: int = 256
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+
+def epoch_order(num_rows: int, plan: PlanConfig, epoch: int) -> Iterator[int]:
+    """Row indices of one epoch, each exactly once (see module doc, steps 1-2)."""
+    if not plan.shuffle:
+        yield from range(num_rows)
+        return
+    rng = np.random.default_rng([plan.seed, epoch])
+    n_blocks = -(-num_rows // plan.block_size)
+    buf: list[int] = []
+    for b in rng.permutation(n_blocks):
+        for i in range(int(b) * plan.block_size, min(num_rows, (int(b) + 1) * plan.block_size)):
+            if len(buf) < plan.shuffle_buffer:
+                buf.append(i)
+                continue
+            j = int(rng.integers(len(buf)))
+            buf[j], i = i, buf[j]  # emit a random buffered row, keep the new one
+            yield i
+    rng.shuffle(buf)
+    yield from buf
+
+
+def micro_batches_per_epoch(num_rows: int, plan: PlanConfig) -> int:
+    return -(-num_rows // plan.global_batch)
+
+
+def rank_slice(global_rows: list[int], rank: int, world: int) -> tuple[list[int], bool]:
+    """This rank's part of a global micro-batch: (rows, is_padding). Even split of a short tail."""
+    n = len(global_rows)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    if hi > lo:
+        return global_rows[lo:hi], False
+    return global_rows[:1], True  # nothing left for this rank: one fully-masked padding row
+
+
+def global_micro_batches(num_rows: int, plan: PlanConfig, epoch: int,
+                         start: int = 0) -> Iterator[tuple[int, list[int]]]:
+    """(m, rows) for global micro-batch m >= start of `epoch`."""
+    order = epoch_order(num_rows, plan, epoch)
+    m, cur = 0, []
+    for i in order:
+        cur.append(i)
+        if len(cur) == plan.global_batch:
+            if m >= start:
+                yield m, cur
+            m, cur = m + 1, []
+    if cur and m >= start:
+        yield m, cur
+
+
+@dataclass
+class MicroBatch:
+    """One rank's micro-batch: collated tensors plus where it came from."""
+
+    epoch: int
+    index: int  # global micro-batch index within the epoch
+    example_ids: list[str]
+    padding: bool  # a masked filler row (the rank had no real rows in a short tail batch)
+    tensors: dict[str, Any]
+
+
+class RankStream(IterableDataset):
+    """This rank's micro-batches of one epoch from `start`, split over DataLoader workers."""
+
+    def __init__(self, source: RowSource, plan: PlanConfig, rank: int,
+                 build: Callable[[list[Any], bool], tuple[list[str], dict[str, Any]]],
+                 epoch: int = 0, start: int = 0):
+        self.source, self.plan, self.rank, self.build = source, plan, rank, build
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for m, rows in global_micro_batches(self.source.num_rows, self.plan, self.epoch,
+                                            self.start):
+            if (m - self.start) % nw != wid:
+                continue
+            mine, padding = rank_slice(rows, self.rank, self.plan.world_size)
+            ids, tensors = self.build(self.source.fetch(mine), padding)
+            yield MicroBatch(self.epoch, m, ids, padding, tensors)
+
+
+def _identity(batch: MicroBatch) -> MicroBatch:
+    return batch  # batch_size=None: each item already is a collated micro-batch
+
+
+class BatchStream:
+    """Micro-batches grouped into optimizer steps, across epochs, resumable at any step boundary.
+
+    `steps()` yields (epoch, [micro-batches of one step]); the last step of an epoch takes what
+    is left (fewer than grad_accum micro-batches), so every row is seen once per epoch.
+    `position` is (epoch, next micro-batch index), what a checkpoint stores.
+    """
+
+    def __init__(self, source: RowSource, plan: PlanConfig, rank: int, build: Callable,
+                 grad_accum: int = 1, num_workers: int = 0, prefetch: int = 2,
+                 pin_memory: bool = False):
+        self.source, self.plan, self.rank, self.build = source, plan, rank, build
+        self.grad_accum, self.num_workers = grad_accum, num_workers
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+        self.micro_per_epoch = micro_batches_per_epoch(source.num_rows, plan)
+        self.steps_per_epoch = -(-self.micro_per_epoch // grad_accum)
+        self.epoch, self.micro = 0, 0
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "micro_batch": self.micro}
+
+    def seek(self, epoch: int, micro_batch: int) -> None:
+        self.epoch, self.micro = epoch, micro_batch
+
+    def worker_positions(self) -> list[dict[str, int]]:
+        """Where each of this rank's workers resumes (derived from the global position)."""
+        nw = max(1, self.num_workers)
+        return [{"worker": w, "epoch": self.epoch, "next_micro_batch": self.micro + w,
+                 "rows": rank_rows(self.plan, self.rank)} for w in range(nw)]
+
+    def _loader(self) -> DataLoader:
+        ds = RankStream(self.source, self.plan, self.rank, self.build, self.epoch, self.micro)
+        kw: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kw = {"prefetch_factor": self.prefetch, "persistent_workers": False}
+        return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, collate_fn=_identity, **kw)
+
+    def steps(self) -> Iterator[tuple[int, list[MicroBatch]]]:
+        while True:
+            group: list[MicroBatch] = []
+            for mb in self._loader():
+                group.append(mb)
+                self.micro = mb.index + 1
+                if len(group) == self.grad_accum or self.micro == self.micro_per_epoch:
+                    yield self.epoch, group
+                    group = []
+            self.epoch, self.micro = self.epoch + 1, 0
+
+
+def rank_rows(plan: PlanConfig, rank: int) -> str:
+    """Human-readable note for checkpoints: which slice of each global batch this rank takes."""
+    return f"slice {rank}/{plan.world_size} of each global micro-batch of {plan.global_batch}"
+
+
+def to_device(tensors: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in tensors.items()}
