@@ -13,6 +13,7 @@ import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -131,4 +132,86 @@ def finalize_fidelity(fid: Mapping[str, float], nll: Mapping[str, float]) -> dic
         out["nll"] = nll["nll_sum"] / nll["tokens"]
         out["ppl"] = math.exp(out["nll"])
         out["nll_tokens"] = int(nll["tokens"])
+    return out
+
+
+def average_over_sets(summaries: Sequence[Mapping]) -> dict:
+    """The "Average" column: per-seed mean over eval sets, then mean ± std over seeds.
+
+    `summaries` are `summarize_seeds` dicts. When the sets were run with different seeds the
+    per-seed view does not exist; the mean of means is returned with std None.
+    """
+    if not summaries:
+        raise ValueError("average_over_sets of no eval sets")
+    seed_sets = [tuple(s["per_seed"]) for s in summaries]
+    if all(seeds == seed_sets[0] for seeds in seed_sets):
+        per_seed = {int(k): sum(s["per_seed"][k] for s in summaries) / len(summaries)
+                    for k in seed_sets[0]}
+        return summarize_seeds(per_seed)
+    return {"per_seed": {}, "mean": sum(s["mean"] for s in summaries) / len(summaries), "std": None}
+
+
+# --------------------------------------------------------------------------- fidelity from a cache
+
+
+def _student_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
+    """Training's tokenization (no BOS, separate prompt/response, EOS appended), untruncated."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return list(p) + list(r) + [tokenizer.eos_token_id], len(p)
+
+
+@torch.no_grad()
+def cache_fidelity(
+    examples: Iterable[Any],
+    head_weight: torch.Tensor,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    head_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Student vs cached teacher on response positions: KL(T‖S), top-1 agreement, NLL, PPL.
+
+    `examples` are cache rows (`example_id, prompt, response, input_ids, prompt_len, hidden
+    (n-1, D_t), label_mask`); teacher logits = (hidden @ W.T + b) * logit_scale. KL and agreement
+    need the student to tokenize the text exactly as the cache did (same vocabulary); otherwise
+    only NLL/PPL are reported, on the student's own tokenization of the same responses. Both
+    logit rows are cut to the smaller V (models pad their vocab past len(tokenizer)).
+    """
+    device = next(model.parameters()).device
+    fid: dict[str, float] = {}
+    nll: dict[str, float] = {}
+    same_vocab = True
+    n = 0
+    for ex in examples:
+        if limit is not None and n >= limit:
+            break
+        n += 1
+        cached = [int(i) for i in ex.input_ids]
+        ids, plen = _student_ids(tokenizer, ex.prompt, ex.response)
+        matches = ids[: len(cached)] == cached and plen == ex.prompt_len
+        if matches:
+            ids = cached  # the cache may have cut the sequence at its max_len
+        same_vocab = same_vocab and matches
+        x = torch.tensor(ids[:-1], device=device)[None]  # (1, n-1)
+        s_logits = model(input_ids=x).logits[0].float()  # (n-1, V_s)
+        labels = torch.tensor(ids[1:], device=device)  # (n-1,) already shifted
+        labels[: plen - 1] = -100
+        add_sums(nll, response_nll(s_logits, labels))
+        if not same_vocab or ex.hidden is None:
+            continue
+        rows = torch.as_tensor(ex.label_mask, device=device)  # (n-1,) response positions
+        h = torch.as_tensor(ex.hidden, device=device)[rows]  # (R, D_t)
+        t_logits = F.linear(h.to(head_weight.dtype), head_weight,
+                            head_bias).float() * logit_scale  # (R, V_t)
+        v = min(t_logits.shape[-1], s_logits.shape[-1])
+        add_sums(fid, token_fidelity(t_logits[:, :v], s_logits[rows][:, :v]))
+    if n == 0:
+        raise ValueError("the cache has no examples to measure fidelity on")
+    out: dict[str, Any] = finalize_fidelity(fid if same_vocab else {}, nll)
+    out["examples"] = n
+    if not same_vocab:
+        out["note"] = "student vocabulary differs from the cache's; KL and top-1 need the same one"
     return out

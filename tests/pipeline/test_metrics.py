@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +104,95 @@ def test_response_nll_and_finalize():
     assert final["kl"] == pytest.approx(0.75) and final["top1_agreement"] == pytest.approx(75.0)
     assert final["ppl"] == pytest.approx(math.exp(ref / 3))
     assert metrics.finalize_fidelity({}, {})["kl"] is None
+
+
+def test_average_over_sets():
+    a = metrics.summarize_seeds({10: 10.0, 20: 20.0})
+    b = metrics.summarize_seeds({10: 30.0, 20: 0.0})
+    avg = metrics.average_over_sets([a, b])
+    # per-seed averages 20 and 10 -> mean 15, std 5 (not the mean of the two stds)
+    assert avg == {"per_seed": {"10": 20.0, "20": 10.0}, "mean": 15.0, "std": 5.0}
+    c = metrics.summarize_seeds({30: 40.0})
+    assert metrics.average_over_sets([a, c]) == {"per_seed": {}, "mean": 27.5, "std": None}
+
+
+# --------------------------------------------------------------------------- cache fidelity
+
+
+def _fake_cache_rows(teacher, tok, examples):
+    """Cache rows as the reader yields them, made from the teacher's forward (hidden = LM input)."""
+    from dskd.pipeline.cache.reader import CachedExample
+
+    rows = []
+    for i, ex in enumerate(examples):
+        ids, plen = metrics._student_ids(tok, ex.prompt, ex.response)
+        x = torch.tensor(ids[:-1])[None]
+        with torch.no_grad():
+            hidden = teacher(input_ids=x, output_hidden_states=True).hidden_states[-1][0]
+        mask = np.array([k >= plen for k in range(len(ids))])
+        rows.append(CachedExample(ex.id, i, ex.prompt, ex.response, np.array(ids, np.int32), plen,
+                                  mask, np.zeros((len(ids), 2), np.int32), 0, i,
+                                  hidden=hidden.numpy()))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def fidelity_world(toy_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dskd.pipeline.data import load_examples
+
+    load = lambda d: (AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d))  # noqa: E731
+    teacher, tok = load(toy_world.teacher)
+    rows = _fake_cache_rows(teacher, tok, load_examples(toy_world.valid)[:4])
+    return toy_world, teacher, tok, rows, load
+
+
+def test_cache_fidelity_teacher_against_itself(fidelity_world):
+    _, teacher, tok, rows, _ = fidelity_world
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, teacher, tok)
+    assert out["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert out["top1_agreement"] == 100.0
+    assert out["examples"] == 4 and "note" not in out
+    # NLL: the teacher's own token loss on the response (+EOS) tokens
+    total, count = 0.0, 0
+    for r in rows:
+        ids = torch.tensor(r.input_ids, dtype=torch.long)
+        logits = teacher(input_ids=ids[None, :-1]).logits[0]
+        lab = ids[1:].clone()
+        lab[: r.prompt_len - 1] = -100
+        total += F.cross_entropy(logits, lab, ignore_index=-100, reduction="sum").item()
+        count += int((lab != -100).sum())
+    assert out["nll_tokens"] == count
+    assert out["nll"] == pytest.approx(total / count, rel=1e-5)
+    assert out["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_cache_fidelity_same_vocab_student(fidelity_world):
+    world, teacher, tok, rows, load = fidelity_world
+    student, stok = load(world.student)
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok)
+    # recompute KL(T‖S) over response positions directly from both models' logits
+    kl, agree, n = 0.0, 0, 0
+    for r in rows:
+        ids = torch.tensor(r.input_ids[:-1], dtype=torch.long)[None]
+        t = teacher(input_ids=ids).logits[0][r.label_mask]
+        s = student(input_ids=ids).logits[0][r.label_mask]
+        kl += F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True,
+                       reduction="sum").item()
+        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
+        n += t.shape[0]
+    assert out["fidelity_tokens"] == n
+    assert out["kl"] == pytest.approx(kl / n, rel=1e-4) and out["kl"] > 0.01
+    assert out["top1_agreement"] == pytest.approx(100 * agree / n)
+
+
+def test_cache_fidelity_cross_vocab_student_reports_nll_only(fidelity_world):
+    world, teacher, _, rows, load = fidelity_world
+    student, stok = load(world.student_xvocab)
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok, limit=2)
+    assert out["kl"] is None and out["top1_agreement"] is None
+    assert out["nll"] > 0 and out["examples"] == 2
+    assert "vocabulary" in out["note"]
+    with pytest.raises(ValueError, match="no examples"):
+        metrics.cache_fidelity([], teacher.lm_head.weight, student, stok)
