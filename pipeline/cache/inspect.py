@@ -1,0 +1,68 @@
+"""`dskd cache inspect`: what a cache holds, from its manifest (no shard is opened)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .manifest import shard_totals, committed_shards, load_manifest
+from .spec import HIDDEN_STORAGE, TOKEN_OFFSETS, TOKEN_OFFSETS_DTYPE, token_fields
+
+
+def inspect_cache(path: str | Path) -> dict[str, Any]:
+    """Teacher, counts, fingerprints, bytes per token per field and dtypes, as a JSON-able dict."""
+    path = Path(path)
+    m = load_manifest(path)
+    lay = m["layout"]
+    shards = committed_shards(path, m)
+    totals = m["totals"] or shard_totals([shards[i] for i in sorted(shards)])
+    dtypes = {f.name: str(f.dtype) for f in token_fields(lay["hidden_dtype"], lay["top_k"])}
+    dtypes["hidden"] = f"{lay['hidden_dtype']} (stored as {HIDDEN_STORAGE[lay['hidden_dtype']]})"
+    dtypes[TOKEN_OFFSETS] = str(TOKEN_OFFSETS_DTYPE)
+    return {
+        "path": str(path),
+        "format": m["format"],
+        "format_version": m["format_version"],
+        "complete": m["complete"],
+        "teacher": m["teacher"],
+        "shards": {"committed": len(shards), "total": lay["n_shards"], "shard_size": lay["shard_size"]},
+        "examples": totals["n_examples"],
+        "tokens": totals["n_tokens"],
+        "token_rows": totals["n_rows"],
+        "hidden_size": lay["hidden_size"],
+        "vocab_size": lay["vocab_size"],
+        "top_k": lay["top_k"],
+        "hidden_dtype": lay["hidden_dtype"],
+        "dtypes": dtypes,
+        "bytes": totals["bytes"],
+        "bytes_per_token": totals["bytes_per_token"],
+        "head": {k: v for k, v in m["head"].items() if k != "sha256"},
+        "fingerprints": m["fingerprints"],
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    """The dict above as a short human-readable report."""
+    t = info["teacher"]
+    sh = info["shards"]
+    lines = [
+        f"cache      {info['path']}  ({info['format']} v{info['format_version']}, "
+        f"{'complete' if info['complete'] else 'INCOMPLETE'})",
+        f"teacher    {t.get('name')}  [{t.get('architecture')}]  D_t={info['hidden_size']} "
+        f"V={info['vocab_size']}  backend={t.get('backend')}",
+        f"contents   {info['examples']:,} examples, {info['tokens']:,} tokens "
+        f"({info['token_rows']:,} token rows), {sh['committed']}/{sh['total']} shards "
+        f"of {sh['shard_size']} examples",
+        f"fields     hidden {info['hidden_dtype']}, top-k {info['top_k']}, "
+        f"{info['bytes'] / 2**20:,.1f} MiB in shards",
+        "",
+        f"{'field':<16}{'dtype':<28}{'bytes/token':>12}",
+    ]
+    bpt = info["bytes_per_token"]
+    for name in list(info["dtypes"]) + ["examples"]:
+        if name in bpt:
+            lines.append(f"{name:<16}{info['dtypes'].get(name, 'arrow'):<28}{bpt[name]:>12.1f}")
+    lines.append(f"{'total':<16}{'':<28}{bpt.get('total', 0):>12.1f}")
+    lines += ["", "fingerprints"]
+    lines += [f"  {k:<16}{v}" for k, v in info["fingerprints"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""manifest.json: the cache's index. Written atomically; a shard it does not list does not exist.
+
+While a cache is being written, each committed shard also has a record in ``commits/`` (one small
+JSON file per shard, written by the worker that wrote the shard, so ranks never contend for one
+file). ``finalize`` folds those records into manifest.json and marks it complete. Its content is a
+pure function of the cache's inputs (no timestamps, hosts or timings), so an interrupted and resumed
+run ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .spec import (CHECKSUM, COMMITS_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST, CacheError,
+                   shard_name)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file in the same dir, fsync, rename: a reader sees the old file or the new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_json(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def hash_file(path: Path, algo: str = CHECKSUM) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- manifest
+
+def new_manifest(fingerprints: dict[str, Any], teacher: dict[str, Any], layout: dict[str, Any],
+                 head: dict[str, Any]) -> dict[str, Any]:
+    """The header written when a cache is started; shards and totals come at finalize."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "complete": False,
+        "fingerprints": fingerprints,
+        "teacher": teacher,
+        "layout": layout,
+        "head": head,
+        "shards": [],
+        "totals": None,
+    }
+
+
+def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{cache_dir}: no {MANIFEST}; this is not a dskd teacher cache "
+                         "(or its first shard was never started). Run `dskd cache-teacher` on it.")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path}: not valid JSON ({e}); rerun cache-teacher with --overwrite") from None
+    if m.get("format") != FORMAT_NAME:
+        raise CacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT_NAME!r}")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: format version {m.get('format_version')!r}; this dskd reads "
+                         f"version {FORMAT_VERSION}. Rebuild the cache with this dskd version.")
+    return m
+
+
+def save_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(cache_dir) / MANIFEST, dump_json(manifest))
+
+
+def fingerprint_diff(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences, one per differing fingerprint field, in field order."""
+    out = []
+    for key in list(cached) + [k for k in current if k not in cached]:
+        a, b = cached.get(key, "<absent>"), current.get(key, "<absent>")
+        if a != b:
+            out.append(f"{key}: cache has {_short(a)}, this run has {_short(b)}")
+    return out
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+# --------------------------------------------------------------------------- commit records
+
+def commit_path(cache_dir: str | Path, index: int) -> Path:
+    return Path(cache_dir) / COMMITS_DIR / f"{shard_name(index)}.json"
+
+
+def write_commit(cache_dir: str | Path, record: dict[str, Any]) -> None:
+    """The last step of writing a shard: from now on the shard exists."""
+    atomic_write_bytes(commit_path(cache_dir, record["index"]), dump_json(record))
+
+
+def load_commits(cache_dir: str | Path) -> dict[int, dict[str, Any]]:
+    """Committed shard records by shard index (a torn record cannot exist: they are renamed in)."""
+    d = Path(cache_dir) / COMMITS_DIR
+    out: dict[int, dict[str, Any]] = {}
+    if d.is_dir():
+        for p in sorted(d.glob("shard-*.json")):
+            rec = json.loads(p.read_text(encoding="utf-8"))
+            out[int(rec["index"])] = rec
+    return out
+
+
+def committed_shards(cache_dir: str | Path, manifest: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Every committed shard: the manifest's list once complete, else the commit records."""
+    if manifest.get("complete"):
+        return {int(s["index"]): s for s in manifest["shards"]}
+    return load_commits(cache_dir)
+
+
+def finalize(cache_dir: str | Path) -> dict[str, Any] | None:
+    """Fold commit records into manifest.json if every planned shard is committed.
+
+    Returns the complete manifest, or None while shards are missing (another worker is still
+    writing). Safe to call from several workers at once: they write identical bytes.
+    """
+    m = load_manifest(cache_dir)
+    if m["complete"]:
+        return m
+    commits = load_commits(cache_dir)
+    n_shards = m["layout"]["n_shards"]
+    if any(i not in commits for i in range(n_shards)):
+        return None
+    shards = [commits[i] for i in range(n_shards)]
+    m["shards"] = shards
+    m["totals"] = shard_totals(shards)
+    m["complete"] = True
+    save_manifest(cache_dir, m)
+    return m
+
+
+def shard_totals(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    n_ex = sum(s["n_examples"] for s in shards)
+    n_tok = sum(s["n_tokens"] for s in shards)
+    n_rows = sum(s["n_rows"] for s in shards)
+    fields: dict[str, int] = {}
+    for s in shards:
+        for k, v in s["field_bytes"].items():
+            fields[k] = fields.get(k, 0) + v
+    total = sum(s["bytes"] for s in shards)
+    return {
+        "n_examples": n_ex,
+        "n_tokens": n_tok,
+        "n_rows": n_rows,
+        "bytes": total,
+        "field_bytes": fields,
+        # per teacher token row (the unit a student trains on); examples.arrow per token too
+        "bytes_per_token": {k: round(v / max(1, n_rows), 3) for k, v in fields.items()}
+        | {"total": round(total / max(1, n_rows), 3)},
+    }

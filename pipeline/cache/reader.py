@@ -1,0 +1,232 @@
+"""Cache reader for stage 2: iterate examples (all, or some shards for a rank/worker), look one up
+by id, resume from a (shard, row) position. Per-example text and ids are zero-copy views of the
+memory-mapped Arrow file; per-token arrays are read from Zarr a block of examples at a time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from .manifest import committed_shards, load_manifest
+from .quant import decode_hidden
+from .spec import (EXAMPLES_FILE, HEAD_FILE, SHARDS_DIR, TOKEN_OFFSETS, CacheError, chunk_rows,
+                   token_fields)
+
+# Per-token fields a reader can ask for; "hidden" brings its fp8 scale along.
+READABLE = ("hidden", "topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob")
+
+
+@dataclass
+class CachedExample:
+    """One cached example. Per-token arrays have n - 1 rows; row k predicts input_ids[k + 1].
+    A field not requested from the reader is None."""
+
+    example_id: str
+    index: int  # position in the dataset
+    prompt: str
+    response: str
+    input_ids: np.ndarray  # (n,) int32
+    prompt_len: int
+    response_mask: np.ndarray  # (n,) bool, per token of input_ids
+    offsets: np.ndarray  # (n, 2) int32 char spans in prompt + response
+    shard: int  # (shard, row) is this example's position, for checkpointing a trainer
+    row: int
+    hidden: np.ndarray | None = None  # (n-1, D_t) float32, dequantized
+    topk_ids: np.ndarray | None = None  # (n-1, k) int32
+    topk_logprobs: np.ndarray | None = None  # (n-1, k) float32
+    lse: np.ndarray | None = None  # (n-1,) float32
+    tail_logprob: np.ndarray | None = None  # (n-1,) float32
+    next_logprob: np.ndarray | None = None  # (n-1,) float32
+
+    @property
+    def label_mask(self) -> np.ndarray:
+        """(n-1,) bool: row k is supervised (its target s[k+1] is a response token)."""
+        return self.response_mask[1:]
+
+
+class _Shard:
+    """Open handles of one shard: the mmapped Arrow table and the Zarr arrays."""
+
+    def __init__(self, path: Path, record: dict[str, Any], hidden_dtype: str):
+        self.record = record
+        self.hidden_dtype = hidden_dtype
+        self.table = pa.ipc.open_file(pa.memory_map(str(path / EXAMPLES_FILE), "r")).read_all()
+        self.group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        self.token_offsets = self.group[TOKEN_OFFSETS][:]
+        self.ids = self.table.column("example_id").to_pylist()
+        # Column buffers flattened once; each example is a slice (no copy).
+        self._input_ids = self.table.column("input_ids").combine_chunks()
+        self._mask = self.table.column("response_mask").combine_chunks()
+        self._offsets = self.table.column("offsets").combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def examples(self, rows: range, fields: Collection[str], shard_index: int) -> list[CachedExample]:
+        """Examples ``rows`` (a contiguous range), reading each token field once for the block."""
+        a, b = int(self.token_offsets[rows.start]), int(self.token_offsets[rows.stop])
+        block: dict[str, np.ndarray] = {}
+        for name in fields:
+            if name == "hidden":
+                codes = self.group["hidden"][a:b]
+                scale = self.group["hidden_scale"][a:b] if self.hidden_dtype == "fp8" else None
+                block[name] = decode_hidden(codes, self.hidden_dtype, scale)
+            else:
+                block[name] = self.group[name][a:b]
+        cols = {c: self.table.column(c) for c in ("example_id", "index", "prompt", "response",
+                                                  "prompt_len")}
+        out = []
+        for r in rows:
+            lo, hi = int(self.token_offsets[r]) - a, int(self.token_offsets[r + 1]) - a
+            out.append(CachedExample(
+                example_id=self.ids[r],
+                index=cols["index"][r].as_py(),
+                prompt=cols["prompt"][r].as_py(),
+                response=cols["response"][r].as_py(),
+                input_ids=_list_values(self._input_ids, r),
+                prompt_len=cols["prompt_len"][r].as_py(),
+                response_mask=_list_values(self._mask, r),
+                offsets=_list_values(self._offsets, r).reshape(-1, 2),
+                shard=shard_index, row=r,
+                **{name: arr[lo:hi] for name, arr in block.items()},
+            ))
+        return out
+
+
+def _list_values(col: pa.ListArray, r: int) -> np.ndarray:
+    start, end = col.offsets[r].as_py(), col.offsets[r + 1].as_py()
+    values = col.values.slice(start, end - start)
+    # Bools are bit-packed in Arrow, so they cannot be zero-copy; ints are.
+    return values.to_numpy(zero_copy_only=not pa.types.is_boolean(values.type))
+
+
+class CacheReader:
+    """Read a complete cache. ``fields`` limits which per-token arrays are read (a sparse-KD
+    student can skip ``hidden``, by far the largest)."""
+
+    def __init__(self, path: str | Path, fields: Collection[str] | None = None,
+                 allow_incomplete: bool = False, max_open_shards: int = 4):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+        if not self.manifest["complete"] and not allow_incomplete:
+            lay = self.manifest["layout"]
+            done = len(committed_shards(self.path, self.manifest))
+            raise CacheError(f"{self.path}: the cache is incomplete ({done} of {lay['n_shards']} "
+                             "shards committed); rerun the same `dskd cache-teacher` command to "
+                             "finish it")
+        self.layout = self.manifest["layout"]
+        stored = {f.name for f in token_fields(self.layout["hidden_dtype"], self.layout["top_k"])}
+        wanted = READABLE if fields is None else tuple(fields)
+        bad = [f for f in wanted if f not in READABLE]
+        if bad:
+            raise CacheError(f"unknown cache field(s) {bad}; readable fields are {list(READABLE)}")
+        missing = [f for f in wanted if f not in stored]
+        if missing and fields is not None:
+            raise CacheError(f"{self.path}: fields {missing} are not in this cache "
+                             f"(top_k={self.layout['top_k']}); rebuild it with --top-k > 0")
+        self.fields = tuple(f for f in wanted if f in stored)
+        records = committed_shards(self.path, self.manifest)
+        self.shards = [records[i] for i in sorted(records)]
+        self._by_index = {s["index"]: s for s in self.shards}
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._max_open = max_open_shards
+        self._id_index: dict[str, tuple[int, int]] | None = None
+        # Examples per read: about one inner chunk of the widest array.
+        row_bytes = self.layout["hidden_size"] * 2
+        self._block_rows = chunk_rows(row_bytes)
+
+    @property
+    def fingerprints(self) -> dict[str, Any]:
+        return self.manifest["fingerprints"]
+
+    def __len__(self) -> int:
+        return sum(s["n_examples"] for s in self.shards)
+
+    def __iter__(self) -> Iterator[CachedExample]:
+        return self.iter_examples()
+
+    def shard_indices(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """This rank's share of the shards (round-robin), for data-parallel readers."""
+        return [s["index"] for s in self.shards][rank::world_size]
+
+    def iter_examples(self, shards: Sequence[int] | None = None,
+                      start: tuple[int, int] | None = None) -> Iterator[CachedExample]:
+        """Examples in shard order, then row order. ``start=(shard, row)`` resumes at that example
+        (the position a checkpoint saved), skipping everything before it in ``shards``."""
+        order = [s["index"] for s in self.shards] if shards is None else list(shards)
+        if start is not None and start[0] not in order:
+            raise CacheError(f"resume position {start}: shard {start[0]} is not among {order}")
+        skipping = start is not None
+        for si in order:
+            if skipping and si != start[0]:
+                continue
+            first = start[1] if skipping else 0
+            skipping = False
+            sh = self._shard(si)
+            r = first
+            while r < len(sh):
+                stop = self._block_end(sh, r)
+                yield from sh.examples(range(r, stop), self.fields, si)
+                r = stop
+
+    def at(self, shard: int, row: int) -> CachedExample:
+        sh = self._shard(shard)
+        if not 0 <= row < len(sh):
+            raise CacheError(f"{self.path}: shard {shard} has {len(sh)} rows, asked for row {row}")
+        return sh.examples(range(row, row + 1), self.fields, shard)[0]
+
+    def get(self, example_id: str) -> CachedExample:
+        """Random access by example id (the index is built on first use from the id columns)."""
+        if self._id_index is None:
+            self._id_index = {eid: (s["index"], r) for s in self.shards
+                              for r, eid in enumerate(self._shard(s["index"]).ids)}
+        if example_id not in self._id_index:
+            raise KeyError(f"example {example_id!r} is not in cache {self.path}")
+        return self.at(*self._id_index[example_id])
+
+    def example_ids(self) -> list[str]:
+        return [eid for s in self.shards for eid in self._shard(s["index"]).ids]
+
+    def _block_end(self, sh: _Shard, r: int) -> int:
+        """End of a block starting at row r holding about one hidden chunk of token rows."""
+        limit = sh.token_offsets[r] + self._block_rows
+        stop = int(np.searchsorted(sh.token_offsets, limit, side="right")) - 1
+        return min(len(sh), max(r + 1, stop))
+
+    def _shard(self, index: int) -> _Shard:
+        if index in self._open:
+            self._open.move_to_end(index)
+            return self._open[index]
+        if index not in self._by_index:
+            raise CacheError(f"{self.path}: shard {index} is not committed in the manifest")
+        rec = self._by_index[index]
+        sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout["hidden_dtype"])
+        self._open[index] = sh
+        while len(self._open) > self._max_open:
+            self._open.popitem(last=False)
+        return sh
+
+
+def open_cache(path: str | Path, fields: Collection[str] | None = None) -> CacheReader:
+    return CacheReader(path, fields)
+
+
+def load_head(path: str | Path, device: str | None = None) -> dict[str, Any]:
+    """The tensors of head.safetensors (``lm_head.weight`` (V, D_t), optional ``lm_head.bias``,
+    ``embed_tokens.weight``). Logits = hidden @ weight.T (+ bias), times manifest
+    ``head.logit_scale``."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    f = p / HEAD_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise CacheError(f"{f}: no head file; was this cache written completely?")
+    return load_file(str(f), device=device or "cpu")

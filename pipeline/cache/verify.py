@@ -1,0 +1,190 @@
+"""`dskd cache verify`: checksums, shapes, offsets, id ranges and a NaN/inf scan of every shard.
+
+Returns a list of problems, each naming the shard and field, instead of stopping at the first: a
+user fixing a cache wants to know every bad shard at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+
+from .manifest import committed_shards, hash_file, load_manifest
+from .quant import decode_hidden
+from .spec import (EXAMPLE_COLUMNS, EXAMPLES_FILE, HEAD_FILE, HEAD_WEIGHT, SHARDS_DIR,
+                   TOKEN_OFFSETS, CacheError, chunk_rows, token_fields)
+
+_EPS = 1e-5  # log-probs may exceed 0 by float rounding
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str | None  # shard name; None for the cache as a whole
+    field: str | None  # file or field name
+    message: str
+
+    def __str__(self) -> str:
+        where = self.shard or "cache"
+        return f"{where}{'/' + self.field if self.field else ''}: {self.message}"
+
+
+def verify_cache(path: str | Path, checksums: bool = True) -> list[Problem]:
+    """Every problem found in the cache at ``path``; an empty list means it is sound."""
+    path = Path(path)
+    try:
+        m = load_manifest(path)
+    except CacheError as e:
+        return [Problem(None, "manifest.json", str(e))]
+    problems: list[Problem] = []
+    lay = m["layout"]
+    shards = committed_shards(path, m)
+    if not m["complete"]:
+        problems.append(Problem(None, None, f"incomplete: {len(shards)} of {lay['n_shards']} shards "
+                                "committed; rerun the same cache-teacher command to finish it"))
+    problems += _check_head(path, m, checksums)
+    for idx in sorted(shards):
+        problems += verify_shard(path, shards[idx], lay, checksums)
+    return problems
+
+
+def _check_head(path: Path, m: dict[str, Any], checksums: bool) -> list[Problem]:
+    f = path / HEAD_FILE
+    if not f.is_file():
+        return [Problem(None, HEAD_FILE, "missing")]
+    if f.stat().st_size != m["head"]["bytes"]:
+        return [Problem(None, HEAD_FILE, f"size {f.stat().st_size}, manifest says {m['head']['bytes']}")]
+    if checksums and hash_file(f) != m["head"]["sha256"]:
+        return [Problem(None, HEAD_FILE, "sha256 mismatch (file corrupted or replaced)")]
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="np") as sf:
+        shape = list(sf.get_slice(HEAD_WEIGHT).get_shape())
+    want = [m["layout"]["vocab_size"], m["layout"]["hidden_size"]]
+    return [] if shape == want else [Problem(None, HEAD_FILE, f"{HEAD_WEIGHT} is {shape}, expected {want}")]
+
+
+def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any],
+                 checksums: bool = True) -> list[Problem]:
+    name = rec["name"]
+    d = path / SHARDS_DIR / name
+    if not d.is_dir():
+        return [Problem(name, None, f"directory {d} is missing")]
+    problems = []
+    on_disk = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
+    for rel, info in rec["files"].items():
+        f = d / rel
+        if rel not in on_disk:
+            problems.append(Problem(name, rel, "file missing"))
+        elif f.stat().st_size != info["bytes"]:
+            problems.append(Problem(name, rel, f"size {f.stat().st_size} bytes, manifest says "
+                                    f"{info['bytes']} (truncated or overwritten)"))
+        elif checksums and hash_file(f) != info["sha256"]:
+            problems.append(Problem(name, rel, "sha256 mismatch (file corrupted)"))
+    for rel in sorted(on_disk - set(rec["files"])):
+        problems.append(Problem(name, rel, "file not recorded in the manifest"))
+    try:
+        problems += _check_contents(d, rec, lay)
+    except Exception as e:  # a corrupted file can break any reader; report it, keep going
+        problems.append(Problem(name, None, f"cannot be read: {type(e).__name__}: {e}"))
+    return problems
+
+
+def _check_contents(d: Path, rec: dict[str, Any], lay: dict[str, Any]) -> list[Problem]:
+    name, V = rec["name"], lay["vocab_size"]
+    P = []
+    table = pa.ipc.open_file(pa.memory_map(str(d / EXAMPLES_FILE), "r")).read_all()
+    if table.column_names != list(EXAMPLE_COLUMNS):
+        return [Problem(name, EXAMPLES_FILE, f"columns {table.column_names}, expected "
+                        f"{list(EXAMPLE_COLUMNS)}")]
+    if table.num_rows != rec["n_examples"]:
+        P.append(Problem(name, EXAMPLES_FILE, f"{table.num_rows} rows, manifest says {rec['n_examples']}"))
+    idx = table.column("index").to_numpy()
+    if not np.array_equal(idx, np.arange(rec["example_start"], rec["example_end"])):
+        P.append(Problem(name, "index", f"example indices are not {rec['example_start']}.."
+                         f"{rec['example_end'] - 1}"))
+    ids = table.column("input_ids").combine_chunks()
+    n = table.column("n_tokens").to_numpy().astype(np.int64)
+    lens = np.diff(ids.offsets.to_numpy())
+    if not np.array_equal(lens, n) or (n < 1).any():
+        P.append(Problem(name, "input_ids", "list lengths disagree with n_tokens (or are empty)"))
+    flat_ids = ids.values.to_numpy()
+    if flat_ids.size and (flat_ids.min() < 0 or flat_ids.max() >= V):
+        P.append(Problem(name, "input_ids", f"token ids outside [0, {V})"))
+    if n.sum() != rec["n_tokens"]:
+        P.append(Problem(name, "n_tokens", f"{n.sum()} tokens, manifest says {rec['n_tokens']}"))
+    mask = table.column("response_mask").combine_chunks()
+    pl = table.column("prompt_len").to_numpy()
+    want_mask = np.concatenate([np.arange(k) >= p for k, p in zip(n, pl)]) if len(n) else []
+    if not np.array_equal(mask.values.to_numpy(zero_copy_only=False), want_mask):
+        P.append(Problem(name, "response_mask", "does not match prompt_len"))
+    offs = table.column("offsets").combine_chunks()
+    if not np.array_equal(np.diff(offs.offsets.to_numpy()), 2 * n):
+        P.append(Problem(name, "offsets", "expected 2 ints (start, end) per token"))
+
+    g = zarr.open_group(str(d), mode="r", zarr_format=3)
+    to = g[TOKEN_OFFSETS][:]
+    n_rows = rec["n_rows"]
+    if (to.shape != (len(n) + 1,) or to[0] != 0 or not np.array_equal(np.diff(to), n - 1)
+            or to[-1] != n_rows):
+        return P + [Problem(name, TOKEN_OFFSETS, "CSR offsets disagree with n_tokens - 1 per example "
+                            f"or with n_rows={n_rows}")]
+    for f in token_fields(lay["hidden_dtype"], lay["top_k"]):
+        want = (n_rows,) + ((lay["hidden_size"],) if f.per_d else (lay["top_k"],) if f.per_k else ())
+        if f.name not in g:
+            P.append(Problem(name, f.name, "array missing"))
+        elif g[f.name].shape != want or g[f.name].dtype != f.dtype:
+            P.append(Problem(name, f.name, f"is {g[f.name].dtype}{g[f.name].shape}, expected "
+                             f"{f.dtype}{want}"))
+    if P:
+        return P
+    return _scan_values(g, name, lay, flat_ids, to)
+
+
+def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.ndarray,
+                 to: np.ndarray) -> list[Problem]:
+    """NaN/inf and range checks, a block of rows at a time so memory stays bounded."""
+    V, k, hd = lay["vocab_size"], lay["top_k"], lay["hidden_dtype"]
+    n_rows = int(to[-1])
+    # next token of each row: s[j+1] of its example, laid out like the token rows
+    starts = to[:-1] + np.arange(len(to) - 1)  # token start of example j in flat_ids
+    next_ids = np.concatenate([flat_ids[s + 1:s + 1 + (to[j + 1] - to[j])]
+                               for j, s in enumerate(starts)]) if n_rows else np.zeros(0, np.int32)
+    found: dict[str, str] = {}
+    step = chunk_rows(lay["hidden_size"] * 4)
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        scale = g["hidden_scale"][a:b] if hd == "fp8" else None
+        if scale is not None and not (np.isfinite(scale).all() and (scale > 0).all()):
+            found.setdefault("hidden_scale", "non-finite or non-positive scales")
+        h = decode_hidden(g["hidden"][a:b], hd, scale)
+        if not np.isfinite(h).all():
+            found.setdefault("hidden", f"NaN/inf at row {a + int(np.argmin(np.isfinite(h).all(1)))}")
+        lse = g["lse"][a:b]
+        if not np.isfinite(lse).all():
+            found.setdefault("lse", "NaN/inf values")
+        nxt = g["next_logprob"][a:b]
+        if not (np.isfinite(nxt).all() and (nxt <= _EPS).all()):
+            found.setdefault("next_logprob", "NaN/inf or positive log-probs")
+        tail = g["tail_logprob"][a:b]
+        if np.isnan(tail).any() or (tail > _EPS).any():
+            found.setdefault("tail_logprob", "NaN or positive values")
+        if k:
+            ids = g["topk_ids"][a:b]
+            lp = g["topk_logprobs"][a:b]
+            if ids.size and (ids.min() < 0 or ids.max() >= V):
+                found.setdefault("topk_ids", f"ids outside [0, {V})")
+            if not (np.isfinite(lp).all() and (lp <= _EPS).all()):
+                found.setdefault("topk_logprobs", "NaN/inf or positive log-probs")
+            elif (np.diff(lp, axis=1) > _EPS).any():
+                found.setdefault("topk_logprobs", "not sorted in descending order")
+            # where the observed next token is in the top-k, both fields must give its log-prob
+            hit = ids == next_ids[a:b, None]
+            rows = hit.any(1)
+            if rows.any() and np.abs(lp[hit] - nxt[rows]).max() > 1e-4:
+                found.setdefault("next_logprob", "disagrees with topk_logprobs for the same token")
+    return [Problem(name, f, msg) for f, msg in found.items()]

@@ -1,0 +1,212 @@
+"""Shard writer: buffer one shard in memory, write it once under a temp name, rename, commit.
+
+One shard is written by exactly one writer, whole: Zarr sharded arrays lose data when two writers
+share a shard, and many small appends are ~100x slower than one write. Teachers hand the writer
+finished rows (``ExampleRows``); the writer knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import zarr
+from zarr.storage import LocalStore
+
+from .manifest import hash_file, write_commit
+from .spec import (EXAMPLES_FILE, FORMAT_NAME, FORMAT_VERSION, SHARDS_DIR, TMP_DIR, TOKEN_OFFSETS,
+                   TOKEN_OFFSETS_DTYPE, CacheError, chunk_rows, shard_name, token_fields)
+
+
+@dataclass
+class ExampleRows:
+    """Everything the cache keeps for one example. ``tokens`` maps each per-token field name
+    (spec.token_fields) to an array of n - 1 rows, already in its storage dtype."""
+
+    example_id: str
+    index: int  # position in the dataset; fixes the shard and the row
+    prompt: str
+    response: str
+    input_ids: Sequence[int]  # (n,)
+    prompt_len: int
+    offsets: Sequence[tuple[int, int]]  # (n, 2)
+    tokens: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What every shard of one cache shares (from the manifest's ``layout``)."""
+
+    hidden_dtype: str
+    top_k: int
+    hidden_size: int
+
+    @classmethod
+    def from_manifest(cls, m: dict[str, Any]) -> ShardLayout:
+        lay = m["layout"]
+        return cls(lay["hidden_dtype"], lay["top_k"], lay["hidden_size"])
+
+
+class ShardWriter:
+    """Collects the examples of one shard (any order), then ``commit()`` writes and records it."""
+
+    def __init__(self, cache_dir: str | Path, index: int, example_range: tuple[int, int],
+                 layout: ShardLayout, fsync: bool = True):
+        self.cache_dir = Path(cache_dir)
+        self.index = index
+        self.start, self.end = example_range
+        self.layout = layout
+        self.fsync = fsync
+        self.fields = token_fields(layout.hidden_dtype, layout.top_k)
+        self._rows: dict[int, ExampleRows] = {}
+
+    def add(self, ex: ExampleRows) -> None:
+        if not self.start <= ex.index < self.end:
+            raise CacheError(f"{shard_name(self.index)}: example index {ex.index} is outside "
+                             f"this shard's range [{self.start}, {self.end})")
+        n_rows = len(ex.input_ids) - 1
+        for f in self.fields:
+            arr = ex.tokens.get(f.name)
+            if arr is None:
+                raise CacheError(f"{shard_name(self.index)}: example {ex.example_id} lacks {f.name!r}")
+            want = (n_rows,) + ((self.layout.hidden_size,) if f.per_d else
+                                (self.layout.top_k,) if f.per_k else ())
+            if arr.shape != want or arr.dtype != f.dtype:
+                raise CacheError(f"{shard_name(self.index)}: example {ex.example_id} field {f.name!r} "
+                                 f"is {arr.dtype}{arr.shape}, expected {f.dtype}{want}")
+        self._rows[ex.index] = ex
+
+    @property
+    def complete(self) -> bool:
+        return len(self._rows) == self.end - self.start
+
+    def commit(self) -> dict[str, Any]:
+        """Write the shard to a temp dir, rename it into ``shards/``, then write its commit record.
+
+        A crash at any point leaves either no shard or an uncommitted one, which resume discards.
+        """
+        if not self.complete:
+            missing = [i for i in range(self.start, self.end) if i not in self._rows][:5]
+            raise CacheError(f"{shard_name(self.index)}: cannot commit, examples {missing} "
+                             "were never added")
+        name = shard_name(self.index)
+        rows = [self._rows[i] for i in range(self.start, self.end)]
+        tmp = self.cache_dir / TMP_DIR / f"{name}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        field_bytes = self._write_tokens(tmp, rows)
+        field_bytes["examples"] = self._write_examples(tmp / EXAMPLES_FILE, rows)
+        files = {}
+        for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
+            if self.fsync:
+                _fsync(p)
+            files[p.relative_to(tmp).as_posix()] = {"bytes": p.stat().st_size, "sha256": hash_file(p)}
+        final = self.cache_dir / SHARDS_DIR / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)  # an uncommitted leftover of a crashed run
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(final.parent)
+        n_tokens = sum(len(r.input_ids) for r in rows)
+        record = {
+            "index": self.index,
+            "name": name,
+            "example_start": self.start,
+            "example_end": self.end,
+            "n_examples": len(rows),
+            "n_tokens": n_tokens,
+            "n_rows": n_tokens - len(rows),
+            "bytes": sum(f["bytes"] for f in files.values()),
+            "field_bytes": field_bytes,
+            "files": files,
+        }
+        write_commit(self.cache_dir, record)
+        self._rows.clear()
+        return record
+
+    def _write_tokens(self, out: Path, rows: list[ExampleRows]) -> dict[str, int]:
+        """One Zarr v3 group; each array is a single Zarr shard (one file) of inner chunks."""
+        counts = np.array([len(r.input_ids) - 1 for r in rows], dtype=np.int64)
+        offsets = np.zeros(len(rows) + 1, dtype=TOKEN_OFFSETS_DTYPE)
+        np.cumsum(counts, out=offsets[1:])
+        group = zarr.open_group(LocalStore(out), mode="w", zarr_format=3, attributes={
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "shard": self.index,
+            "example_start": self.start, "example_end": self.end,
+            "hidden_dtype": self.layout.hidden_dtype, "top_k": self.layout.top_k,
+        })
+        sizes = {}
+        _write_array(group, TOKEN_OFFSETS, offsets, {})
+        for f in self.fields:
+            data = np.concatenate([r.tokens[f.name] for r in rows]) if rows else \
+                np.zeros((0,) + ((self.layout.hidden_size,) if f.per_d else
+                                 (self.layout.top_k,) if f.per_k else ()), f.dtype)
+            attrs = {"storage": self.layout.hidden_dtype} if f.name == "hidden" else {}
+            _write_array(group, f.name, data, attrs)
+            sizes[f.name] = _dir_bytes(out / f.name)
+        sizes[TOKEN_OFFSETS] = _dir_bytes(out / TOKEN_OFFSETS)
+        return sizes
+
+    def _write_examples(self, path: Path, rows: list[ExampleRows]) -> int:
+        table = examples_table(rows)
+        # IPC *file* format, uncompressed: readers memory-map it and slice without copying.
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        return path.stat().st_size
+
+
+def examples_table(rows: list[ExampleRows]) -> pa.Table:
+    ids = [np.asarray(r.input_ids, dtype=np.int32) for r in rows]
+    n = [len(x) for x in ids]
+    return pa.table({
+        "example_id": pa.array([r.example_id for r in rows], pa.string()),
+        "index": pa.array([r.index for r in rows], pa.int64()),
+        "prompt": pa.array([r.prompt for r in rows], pa.string()),
+        "response": pa.array([r.response for r in rows], pa.string()),
+        "input_ids": pa.array(ids, pa.list_(pa.int32())),
+        "prompt_len": pa.array([r.prompt_len for r in rows], pa.int32()),
+        "response_mask": pa.array([np.arange(k) >= r.prompt_len for k, r in zip(n, rows)],
+                                  pa.list_(pa.bool_())),
+        "offsets": pa.array([np.asarray(r.offsets, dtype=np.int32).reshape(-1) for r in rows],
+                            pa.list_(pa.int32())),
+        "n_tokens": pa.array(n, pa.int32()),
+    })
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
+    row_bytes = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+    rows = chunk_rows(row_bytes, data.shape[0])
+    chunk = (rows,) + data.shape[1:]
+    # One Zarr shard holding every row: one file per array, inner chunks indexed at its end.
+    shard_rows = max(rows, -(-data.shape[0] // rows) * rows)
+    arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunk,
+                             shards=(shard_rows,) + data.shape[1:], compressors=None,
+                             fill_value=0, attributes=attrs,
+                             # every chunk on disk, even all-zero ones: simpler for other readers
+                             config={"write_empty_chunks": True})
+    if data.shape[0]:
+        arr[...] = data
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        _fsync(d)
+    except OSError:  # some filesystems refuse fsync on directories; the data files are synced
+        pass
