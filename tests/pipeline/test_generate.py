@@ -5,7 +5,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dskd.pipeline import generate as gen
 
-WORDS = "the cat dog sat ran on a mat fast slow red blue big small house tree river sky".split()
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "fast", "slow", "red", "blue",
+         "big", "small", "house", "tree", "river", "sky"]
 PROMPTS = ["the cat sat on", "a big red dog ran", "sky", "the small blue house on the river"]
 IDS = [f"ex{i}" for i in range(len(PROMPTS))]
 
@@ -48,7 +49,7 @@ def loaded(tiny_model_dir):
 
 def _run(loaded, **kw):
     model, tok = loaded
-    args = dict(seed=10, max_new_tokens=12, batch_size=4)
+    args = {"seed": 10, "max_new_tokens": 12, "batch_size": 4}
     args.update(kw)
     return gen.generate_transformers(model, tok, PROMPTS, IDS, **args)
 

@@ -142,7 +142,9 @@ def fidelity_world(toy_world):
 
     from dskd.pipeline.data import load_examples
 
-    load = lambda d: (AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d))  # noqa: E731
+    def load(d):
+        return AutoModelForCausalLM.from_pretrained(d).eval(), AutoTokenizer.from_pretrained(d)
+
     teacher, tok = load(toy_world.teacher)
     rows = _fake_cache_rows(teacher, tok, load_examples(toy_world.valid)[:4])
     return toy_world, teacher, tok, rows, load
@@ -169,7 +171,7 @@ def test_cache_fidelity_teacher_against_itself(fidelity_world):
 
 
 def test_cache_fidelity_same_vocab_student(fidelity_world):
-    world, teacher, tok, rows, load = fidelity_world
+    world, teacher, _tok, rows, load = fidelity_world
     student, stok = load(world.student)
     out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok)
     # recompute KL(T‖S) over response positions directly from both models' logits

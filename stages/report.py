@@ -1,0 +1,192 @@
+"""`dskd report RUN_DIR…`: several eval outputs side by side in one table and one plot.
+
+Also home of the table/plot writer that `dskd eval` uses for its own report.md, so a single eval
+and a merged report look the same: rows = models, columns = eval sets + Average, cells
+ROUGE-L mean ± std over seeds (the paper's table layout).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dskd.pipeline import metrics, plots
+from dskd.pipeline.config import atomic_write_text, save_config
+
+RESULTS_FILE = "results.json"
+AVERAGE = "Average"
+METRIC_TITLES = {"rougeL": "ROUGE-L", "exact_match": "Exact match"}
+
+
+class ReportError(ValueError):
+    """A run dir that cannot be reported; the message names it."""
+
+
+@dataclass
+class ReportConfig:
+    run_dirs: list[str] = field(default_factory=list, metadata={
+        "help": "eval output dirs (each holding results.json) to put side by side"})
+    out: str = field(default="", metadata={"help": "output dir for report.md, results.json, PNGs"})
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def score_table(scores: dict, metric: str = "rougeL") -> tuple[dict, list[str]]:
+    """({model: {column: (mean, std)}}, columns) from results["scores"]; Average last."""
+    columns: list[str] = []
+    table: dict[str, dict[str, tuple[float, float | None]]] = {}
+    for model, sets in scores.items():
+        table[model] = {}
+        for name, cell in sets.items():
+            if metric not in cell:
+                continue
+            if name != AVERAGE and name not in columns:
+                columns.append(name)
+            table[model][name] = (cell[metric]["mean"], cell[metric]["std"])
+    if len(columns) > 1 or any(AVERAGE in row for row in table.values()):
+        columns.append(AVERAGE)
+    return table, columns
+
+
+def _fmt(cell: tuple[float, float | None] | None) -> str:
+    if cell is None:
+        return "–"
+    mean, std = cell
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def markdown_table(table: dict, columns: list[str]) -> str:
+    lines = ["| model | " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for model, row in table.items():
+        lines.append(f"| {model} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_table(fidelity: dict) -> str:
+    cols = [("kl", "KL(T‖S)"), ("top1_agreement", "top-1 agree %"), ("nll", "NLL"), ("ppl", "PPL")]
+    lines = ["| model | " + " | ".join(c[1] for c in cols) + " | tokens |",
+             "|---|" + "---:|" * (len(cols) + 1)]
+    for model, f in fidelity.items():
+        vals = ["–" if f.get(k) is None else f"{f[k]:.4g}" for k, _ in cols]
+        if f.get("note"):
+            vals[0] = f"– ({f['note']})"
+        lines.append(f"| {model} | " + " | ".join(vals) + f" | {f.get('nll_tokens', '–')} |")
+    return "\n".join(lines)
+
+
+def _protocol_line(p: dict) -> str:
+    if p.get("decoding") == "greedy":
+        how = "greedy decoding"
+    else:
+        how = (f"sampling (temperature {p.get('temperature')}, top-p {p.get('top_p')}, "
+               f"top-k {p.get('top_k')})")
+    return (f"{how}, no_repeat_ngram_size {p.get('no_repeat_ngram_size')}, "
+            f"seeds {p.get('seeds')}, max_new_tokens {p.get('max_new_tokens')}, "
+            f"backend {p.get('backend')}")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_report(results: dict, out_dir: str | Path, title: str = "dskd eval") -> list[Path]:
+    """report.md + rouge_l.png (+ training_curves.png when any model has a run) in out_dir."""
+    out = Path(out_dir)
+    written = []
+    table, columns = score_table(results["scores"], "rougeL")
+    em_table, _ = score_table(results["scores"], "exact_match")
+    parts = [f"# {title}", ""]
+    for proto in results.get("protocols", [results.get("protocol")]):
+        if proto:
+            parts.append(f"Protocol: {_protocol_line(proto)}.")
+    parts += ["", "## ROUGE-L (mean ± std over seeds, ×100)", "", markdown_table(table, columns),
+              "", "## Exact match (mean ± std over seeds, %)", "", markdown_table(em_table, columns)]
+    coverage = {m: tuple(c for c in columns if c in row and c != AVERAGE) for m, row in table.items()}
+    if len(set(coverage.values())) > 1:
+        parts += ["", ("Note: models were scored on different eval sets; each Average covers only "
+                  "its own row's sets.")]
+    if results.get("fidelity"):
+        parts += ["", "## Fidelity to the teacher (held-out cache)", "",
+                  fidelity_table(results["fidelity"])]
+    if columns:
+        png = plots.plot_method_bars(table, columns, out / "rouge_l.png")
+        parts += ["", f"![ROUGE-L]({png.name})"]
+        written.append(png)
+    runs = {m: plots.read_metrics(info["metrics_jsonl"]) for m, info in results["models"].items()
+            if info.get("metrics_jsonl") and Path(info["metrics_jsonl"]).is_file()}
+    runs = {m: rows for m, rows in runs.items() if rows}
+    if runs and plots.curve_keys(runs):
+        png = plots.plot_training_curves(runs, out / "training_curves.png")
+        parts += ["", f"![Training curves]({png.name})"]
+        written.append(png)
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return [path, *written]
+
+
+def load_results(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / RESULTS_FILE
+    if not p.is_file():
+        raise ReportError(f"{run_dir}: no {RESULTS_FILE}; is it a finished `dskd eval` output dir?")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{p}: not valid JSON ({e})") from None
+
+
+def merge_results(run_dirs: list[str | Path]) -> dict:
+    """One results-like dict over several eval outputs.
+
+    A model evaluated (same fingerprint) on different sets in different runs becomes one row; a
+    name clash between different models, or the same set twice, is told apart as `name [run]`.
+    Average is recomputed over each row's sets.
+    """
+    merged: dict[str, Any] = {"scores": {}, "models": {}, "fidelity": {}, "protocols": [],
+                              "runs": [str(Path(r)) for r in run_dirs]}
+    for run_dir in run_dirs:
+        res = load_results(run_dir)
+        if res.get("protocol") and res["protocol"] not in merged["protocols"]:
+            merged["protocols"].append(res["protocol"])
+        for model, sets in res["scores"].items():
+            info = res["models"].get(model, {})
+            key = model
+            prev = merged["models"].get(key)
+            clash = prev is not None and (
+                prev.get("fingerprint", {}).get("sha256") != info.get("fingerprint", {}).get("sha256")
+                or any(s in merged["scores"][key] for s in sets if s != AVERAGE))
+            if clash:
+                key = f"{model} [{Path(run_dir).name}]"
+            merged["models"].setdefault(key, info)
+            row = merged["scores"].setdefault(key, {})
+            row.update({s: c for s, c in sets.items() if s != AVERAGE})
+            if res.get("fidelity", {}) and model in res["fidelity"]:
+                merged["fidelity"][key] = res["fidelity"][model]
+    for row in merged["scores"].values():
+        cells = [c for s, c in row.items() if s != AVERAGE]
+        if len(cells) > 1:
+            row[AVERAGE] = {m: metrics.average_over_sets([c[m] for c in cells])
+                            for m in METRIC_TITLES if all(m in c for c in cells)}
+    return merged
+
+
+def report(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Merge eval outputs into OUT/report.md, OUT/results.json and OUT/rouge_l.png."""
+    if not run_dirs:
+        raise ReportError("give at least one eval output dir to report on")
+    if not str(out):
+        raise ReportError("--out is required: the directory for the merged report")
+    merged = merge_results(list(run_dirs))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RESULTS_FILE, json.dumps(merged, indent=2) + "\n")
+    write_report(merged, out, title="dskd report")
+    return out / "report.md"
+
+
+def run(cfg: ReportConfig) -> Path:
+    path = report(cfg.run_dirs, cfg.out)
+    save_config(cfg, cfg.out)
+    return path

@@ -1,0 +1,289 @@
+import hashlib
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from rouge_score import rouge_scorer
+
+from dskd.pipeline.data import load_examples
+from dskd.stages import evaluate as ev
+from dskd.stages import report as rep
+
+SEEDS = [10, 20]
+LIMIT = 5
+
+
+def _cfg(world, out, **kw):
+    base = ev.EvalConfig(model=[str(world.student), str(world.student_gpt2)],
+                         data=[str(world.valid), str(world.test)], out=str(out), seeds=SEEDS,
+                         max_new_tokens=12, batch_size=4, limit=LIMIT)
+    return replace(base, **kw)
+
+
+@pytest.fixture(scope="module")
+def evaluated(toy_world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    ev.run(_cfg(toy_world, out))
+    return out
+
+
+def _gens(out):
+    return [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+
+
+def test_outputs_exist_and_generations_cover_every_unit(evaluated):
+    for f in ("generations.jsonl", "results.json", "report.md", "rouge_l.png", "config.yaml"):
+        assert (evaluated / f).is_file(), f
+    gens = _gens(evaluated)
+    assert len(gens) == 2 * 2 * len(SEEDS) * LIMIT
+    assert {g["model"] for g in gens} == {"student", "student_gpt2"}
+    assert {g["eval_set"] for g in gens} == {"valid", "test"}
+    assert {g["seed"] for g in gens} == set(SEEDS)
+    assert set(gens[0]) == {"model", "eval_set", "id", "seed", "text"}
+    # different seeds give different samples
+    by = {(g["model"], g["eval_set"], g["id"], g["seed"]): g["text"] for g in gens}
+    diff = sum(by[(m, s, i, 10)] != by[(m, s, i, 20)] for (m, s, i, seed) in by if seed == 10)
+    assert diff >= LIMIT
+
+
+def _file_refs(path, limit):
+    """example id -> the references list read straight from the jsonl file."""
+    raw = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return {ex.id: raw[ex.row]["references"] for ex in load_examples(path)[:limit]}
+
+
+def _check_against_rouge_score(out, sets, models, seeds, limit):
+    """Every ROUGE-L number in results.json, recomputed from generations.jsonl with rouge-score."""
+    results = json.loads((out / "results.json").read_text())
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    refs = {name: _file_refs(path, limit) for name, path in sets.items()}
+    gens = _gens(out)
+    values = []
+    for model in models:
+        for name in sets:
+            cell = results["scores"][model][name]["rougeL"]
+            per_seed = []
+            for seed in seeds:
+                rows = [g for g in gens if (g["model"], g["eval_set"], g["seed"]) == (model, name, seed)]
+                assert len(rows) == limit
+                f = [max(scorer.score(r, g["text"])["rougeL"].fmeasure for r in refs[name][g["id"]])
+                     for g in rows]
+                per_seed.append(100 * np.mean(f))
+                assert cell["per_seed"][str(seed)] == pytest.approx(per_seed[-1])
+            assert cell["mean"] == pytest.approx(np.mean(per_seed))
+            assert cell["std"] == pytest.approx(np.std(per_seed))
+            values += per_seed
+        if len(sets) > 1:
+            avg = results["scores"][model]["Average"]["rougeL"]["mean"]
+            assert avg == pytest.approx(np.mean([results["scores"][model][n]["rougeL"]["mean"]
+                                                 for n in sets]))
+    return refs, values
+
+
+def test_rouge_equals_rouge_score_on_saved_generations(evaluated, toy_world):
+    refs, _ = _check_against_rouge_score(evaluated, {"valid": toy_world.valid, "test": toy_world.test},
+                                         ["student", "student_gpt2"], SEEDS, LIMIT)
+    assert max(len(r) for r in refs["valid"].values()) > 1  # multi-reference rows are in the sample
+
+
+def test_rouge_equals_rouge_score_nonzero_multi_reference(toy_world, tmp_path):
+    """Random-init models score ~0 on real references, so build references that overlap their
+    (greedy, hence known) output: per row a junk reference and a partial copy of the output."""
+    first = tmp_path / "first"
+    cfg = _cfg(toy_world, first, model=[str(toy_world.student)], data=[str(toy_world.valid)],
+               decoding="greedy", limit=4)
+    ev.run(cfg)
+    greedy = {g["id"]: g["text"] for g in _gens(first)}
+    rows = []
+    for i, (ex, line) in enumerate(zip(load_examples(toy_world.valid)[:4],
+                                       Path(toy_world.valid).read_text().splitlines())):
+        row = json.loads(line)
+        words = greedy[ex.id].split()
+        partial = " ".join(words[: max(1, len(words) // (i + 1))]) + " extra"
+        row["references"] = ["nothing alike here", partial]
+        rows.append(json.dumps(row))
+    derived = tmp_path / "derived.jsonl"
+    derived.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "second"
+    ev.run(replace(cfg, data=[str(derived)], out=str(out)))
+    _, values = _check_against_rouge_score(out, {"derived": derived}, ["student"], [10], 4)
+    assert 20 < values[0] < 100  # partial overlaps: far from 0, not all exact
+
+
+def test_results_record_config_protocol_and_fingerprints(evaluated, toy_world):
+    results = json.loads((evaluated / "results.json").read_text())
+    assert results["config"]["seeds"] == SEEDS and results["config"]["limit"] == LIMIT
+    p = results["protocol"]
+    assert (p["temperature"], p["top_p"], p["top_k"], p["no_repeat_ngram_size"]) == (1.0, 1.0, 0, 6)
+    fp = results["models"]["student"]["fingerprint"]
+    weights = Path(toy_world.student) / "model.safetensors"
+    assert fp["files"]["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert fp["files"]["config.json"]
+    assert fp["sha256"] != results["models"]["student_gpt2"]["fingerprint"]["sha256"]
+    assert results["eval_sets"]["valid"]["examples"] == LIMIT
+    report = (evaluated / "report.md").read_text()
+    assert "| model | valid | test | Average |" in report
+    assert "| student |" in report and "| student_gpt2 |" in report
+    assert "![ROUGE-L](rouge_l.png)" in report
+    img = imread(evaluated / "rouge_l.png")
+    assert img.shape[0] > 200 and np.std(img[..., :3]) > 0.05
+
+
+def test_rerun_reuses_finished_parts(evaluated, toy_world, monkeypatch):
+    before = (evaluated / "generations.jsonl").read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("nothing should be regenerated")
+
+    monkeypatch.setattr(ev, "_Generator", boom)
+    ev.run(_cfg(toy_world, evaluated))
+    assert (evaluated / "generations.jsonl").read_bytes() == before
+
+
+def test_same_seed_same_generations_any_batch_size(evaluated, toy_world, tmp_path):
+    out = tmp_path / "again"
+    ev.run(_cfg(toy_world, out, model=[str(toy_world.student)], data=[str(toy_world.valid)],
+                batch_size=1))
+    fresh = {(g["id"], g["seed"]): g["text"] for g in _gens(out)}
+    first = {(g["id"], g["seed"]): g["text"] for g in _gens(evaluated)
+             if g["model"] == "student" and g["eval_set"] == "valid"}
+    assert fresh == first
+
+
+def test_greedy_runs_once_and_is_seed_free(toy_world, tmp_path):
+    cfg = _cfg(toy_world, tmp_path / "g", model=[str(toy_world.student)],
+               data=[str(toy_world.valid)], decoding="greedy", limit=3)
+    ev.run(cfg)
+    results = json.loads((tmp_path / "g" / "results.json").read_text())
+    cell = results["scores"]["student"]["valid"]["rougeL"]
+    assert list(cell["per_seed"]) == ["10"] and cell["std"] == 0.0
+    assert results["protocol"]["temperature"] is None
+
+
+def test_oracle_generations_score_per_seed(toy_world, tmp_path, monkeypatch):
+    """Stage wiring with known answers: seed 10 answers 2 of 4 prompts with a reference (the
+    last of several), seed 20 answers 1 of 4; the rest share no word with any reference."""
+    examples = {e.prompt: e for e in load_examples(toy_world.valid)}
+
+    class Oracle:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, exs, seed, on_batch):
+            on_batch(len(exs))
+            right = 2 if seed == 10 else 1
+            return [examples[e.prompt].references[-1] if i < right else "zzz qqq"
+                    for i, e in enumerate(exs)]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ev, "_Generator", Oracle)
+    ev.run(_cfg(toy_world, tmp_path / "o", model=[str(toy_world.student)],
+                data=[str(toy_world.valid)], limit=4))
+    res = json.loads((tmp_path / "o" / "results.json").read_text())["scores"]["student"]["valid"]
+    assert res["rougeL"]["per_seed"] == {"10": pytest.approx(50.0), "20": pytest.approx(25.0)}
+    assert res["rougeL"]["mean"] == pytest.approx(37.5) and res["rougeL"]["std"] == pytest.approx(12.5)
+    assert res["exact_match"]["mean"] == pytest.approx(37.5)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_model_dir_is_a_clear_error(toy_world, tmp_path):
+    cfg = _cfg(toy_world, tmp_path / "x", model=[str(tmp_path / "nope"), str(toy_world.student)])
+    with pytest.raises(ev.EvalError, match=r"nope does not exist"):
+        ev.run(cfg)
+    assert not (tmp_path / "x").exists()  # nothing written before the inputs are checked
+
+
+def test_eval_file_without_reference_field(toy_world, tmp_path):
+    bad = tmp_path / "noref.jsonl"
+    bad.write_text('{"instruction": "Say hi.", "context": ""}\n')
+    with pytest.raises(ev.EvalError, match=r"noref.jsonl.*reference"):
+        ev.run(_cfg(toy_world, tmp_path / "x", data=[str(bad)]))
+
+
+def test_empty_eval_set(toy_world, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ev.EvalError, match=r"empty.jsonl.*empty"):
+        ev.run(_cfg(toy_world, tmp_path / "x", data=[str(empty)]))
+
+
+def test_all_flag_problems_reported_at_once(toy_world, tmp_path):
+    cfg = ev.EvalConfig(model=[str(toy_world.student)] * 2, data=[str(tmp_path / "none.jsonl")],
+                        out=str(tmp_path / "x"), name=["a", "b"])
+    with pytest.raises(ev.EvalError) as e:
+        ev.run(cfg)
+    msg = str(e.value)
+    assert "none.jsonl does not exist" in msg and "2 --name for 1 --data" in msg
+    assert "model names" in msg and "--model-name" in msg
+
+
+def test_model_display_names(tmp_path):
+    assert ev.model_display_name(tmp_path / "run-dskd" / "final") == "run-dskd"
+    assert ev.model_display_name(tmp_path / "run-kd" / "checkpoints" / "step-00000120" / "student") \
+        == "run-kd@step-120"
+    assert ev.model_display_name(tmp_path / "models" / "gpt2-base") == "gpt2-base"
+
+
+# --------------------------------------------------------------------------- runs and report
+
+
+def test_training_curves_found_next_to_checkpoint(toy_world, tmp_path):
+    run = tmp_path / "run-sft"
+    shutil.copytree(toy_world.student, run / "final")
+    with (run / "metrics.jsonl").open("w") as f:
+        for s in range(1, 6):
+            f.write(json.dumps({"step": s, "loss": 3.0 / s, "lr": 1e-4, "tokens_per_s": 500.0}) + "\n")
+    out = tmp_path / "e"
+    ev.run(_cfg(toy_world, out, model=[str(run / "final")], data=[str(toy_world.valid)], limit=2,
+                seeds=[10]))
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["scores"]) == ["run-sft"]
+    assert res["models"]["run-sft"]["metrics_jsonl"] == str((run / "metrics.jsonl").resolve())
+    assert imread(out / "training_curves.png").shape[1] > 400
+    assert "training_curves.png" in (out / "report.md").read_text()
+
+
+def test_report_merges_runs_side_by_side(evaluated, toy_world, tmp_path):
+    other = tmp_path / "other"
+    ev.run(_cfg(toy_world, other, model=[str(toy_world.teacher)], data=[str(toy_world.valid)],
+                limit=3, seeds=[10]))
+    out = tmp_path / "merged"
+    path = rep.report([evaluated, other], out)
+    text = path.read_text()
+    assert "| model | valid | test | Average |" in text
+    for name in ("student", "student_gpt2", "teacher"):
+        assert f"| {name} |" in text
+    assert "different eval sets" in text  # teacher only has `valid`
+    merged = json.loads((out / "results.json").read_text())
+    src = json.loads((evaluated / "results.json").read_text())
+    assert merged["scores"]["student"]["valid"] == src["scores"]["student"]["valid"]
+    assert "Average" not in merged["scores"]["teacher"]
+    assert (out / "rouge_l.png").is_file()
+    with pytest.raises(rep.ReportError, match="no results.json"):
+        rep.report([tmp_path], out)
+
+
+def test_cli_eval_and_flags(toy_world, tmp_path):
+    from typer.testing import CliRunner
+
+    from dskd.cli import app
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["eval", "--model", str(toy_world.student), "--data",
+                                 str(toy_world.valid), "--name", "dolly", "--out", str(out),
+                                 "--seeds", "10,20", "--max-new-tokens", "4", "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["scores"]["student"]) == ["dolly"]
+    assert res["config"]["seeds"] == [10, 20]
+    r = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "nope"), "--data",
+                                 str(toy_world.valid), "--out", str(out)])
+    assert r.exit_code == 1 and "does not exist" in r.output
