@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
-import click
 import typer
 
 from .pipeline.config import ConfigError, field_types, flag_name, load_config_file, resolve, unwrap_optional
@@ -51,7 +50,8 @@ def _option_for(name: str, tp: Any, default: Any, help_text: str) -> tuple[Any, 
     origin = get_origin(base)
     kwargs: dict[str, Any] = {"help": help_text, "show_default": default is not None}
     if origin is Literal:
-        kwargs["click_type"] = click.Choice([str(c) for c in get_args(base)])
+        # typer 0.29 has no click_type; resolve()/coerce() rejects values outside the choices.
+        kwargs["help"] = help_text + " (one of: " + ", ".join(str(c) for c in get_args(base)) + ")"
         annot: Any = Optional[str]
     elif origin is list:
         annot = Optional[list[str]]
