@@ -161,29 +161,32 @@ def head_from_checkpoint(model_dir: str | Path, device: str | torch.device = "cp
     scale = check_architecture(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    names: dict[int, list[str]] = {}  # a tied parameter has several names; a file keeps one
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
     out = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     files = _weight_files(model_dir)
 
-    def load(name: str) -> torch.Tensor | None:
+    def load(param: torch.Tensor) -> torch.Tensor | None:
         # Checkpoint keys may carry or lack the base-model prefix ("model.embed_tokens.weight").
-        keys = sorted((k for k in files if k == name or k.endswith("." + name)
-                       or name.endswith("." + k)), key=lambda k: k != name)
+        keys = [k for name in names[id(param)] for k in sorted(
+            (k for k in files if k == name or k.endswith("." + name) or name.endswith("." + k)),
+            key=lambda k: k != name)]
         if not keys:
             return None
         with safe_open(str(files[keys[0]]), framework="pt", device=str(device)) as sf:
             return sf.get_tensor(keys[0])
 
-    embed = load(names[id(emb.weight)])
-    weight = None if tied else load(names[id(out.weight)])
+    embed = load(emb.weight)
+    weight = None if tied else load(out.weight)
     if weight is None:
         if embed is None:
             raise UnsupportedTeacherError(f"{model_dir}: found neither the LM head nor the input "
                                           "embedding in the checkpoint's safetensors")
         weight, embed = embed, None
-    bias = load(names[id(out.bias)]) if getattr(out, "bias", None) is not None else None
+    bias = load(out.bias) if getattr(out, "bias", None) is not None else None
     cast = (lambda t: t if t is None or dtype is None else t.to(dtype))
     return Head(cast(weight), cast(bias), scale, cast(embed))
 
