@@ -62,6 +62,8 @@ DESCRIBE_ASKS = (
     "Say something about {a_obj}.",
     "Write a short sentence about {a_obj}.",
     "Tell me what {a_obj} is like.",
+    "Describe {a_obj} briefly.",
+    "What is {a_obj} like?",
 )
 
 # Categories for "list" tasks: items most-likely-first (5 each keeps references ≤ 20).
@@ -77,7 +79,7 @@ LIST_CATEGORIES: dict[str, tuple[str, ...]] = {
     "shapes": ("circle", "square", "triangle", "star", "oval"),
     "planets": ("Mars", "Earth", "Venus", "Jupiter", "Saturn"),
 }
-LIST_ASKS = ("Name {n} {cat}.", "List {n} {cat}.", "Give me {n} {cat}.")
+LIST_ASKS = ("Name {n} {cat}.", "List {n} {cat}.", "Give me {n} {cat}.", "Tell me {n} {cat}.")
 
 # Paraphrase templates: {slot} = a synonym set (most-likely-first) the answer may vary over,
 # <name>/<place>/<thing> = a variable the answer must copy unchanged.

@@ -215,22 +215,11 @@ def _stream(rng: random.Random) -> Iterator[Row]:
         yield rng.choices(gens, weights=weights)[0](rng)
 
 
-def _row_key(row: Row) -> tuple[str, str, str]:
-    return (str(row["instruction"]), str(row["context"]), str(row["response"]))
-
-
 def toy_examples(n: int, seed: int = 0) -> list[Row]:
-    """`n` distinct Dolly-schema rows for `seed`, without touching disk."""
+    """`n` Dolly-schema rows for `seed`, drawn i.i.d. (so repeats keep their true frequency)."""
     rng = random.Random(f"dskd-toyworld-examples:{seed}")  # str seeds hash stably (sha512)
-    rows: list[Row] = []
-    seen: set[tuple[str, str, str]] = set()
-    for row in _stream(rng):
-        if len(rows) >= n:
-            break
-        if (key := _row_key(row)) not in seen:
-            seen.add(key)
-            rows.append(row)
-    return rows
+    stream = _stream(rng)
+    return [next(stream) for _ in range(n)]
 
 
 def _split_of(row: Row, seed: int, bounds: list[tuple[float, str]]) -> str:
@@ -241,10 +230,12 @@ def _split_of(row: Row, seed: int, bounds: list[tuple[float, str]]) -> str:
 
 
 def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Row]]:
-    """Splits of the given sizes with disjoint prompts (instruction + context).
+    """Splits of the given sizes whose prompts (instruction + context) are disjoint.
 
-    A prompt may repeat *within* a split with different sampled responses (that is how the
-    many-answer distributions show up in training); exact duplicate rows never repeat.
+    Rows are i.i.d. draws routed by prompt hash, so every split keeps the task mix, and a
+    prompt that repeats within a split does so with responses in their Zipf frequencies (exact
+    repeats included: that *is* the distribution a teacher should learn; `data.py` gives
+    repeated rows distinct ids).
     """
     total = sum(sizes.values())
     bounds, acc = [], 0.0
@@ -253,7 +244,6 @@ def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Row]]:
         bounds.append((acc, name))
     bounds[-1] = (1.0, bounds[-1][1])
     splits: dict[str, list[Row]] = {name: [] for name in sizes}
-    seen: set[tuple[str, str, str]] = set()
     rng = random.Random(f"dskd-toyworld-splits:{seed}")
     for attempt, row in enumerate(_stream(rng)):
         if all(len(splits[s]) >= n for s, n in sizes.items()):
@@ -264,7 +254,6 @@ def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Row]]:
                 f"toy world: prompt space too small for split sizes {sizes} (got {have})"
             )
         name = _split_of(row, seed, bounds)
-        if len(splits[name]) < sizes[name] and (key := _row_key(row)) not in seen:
-            seen.add(key)
+        if len(splits[name]) < sizes[name]:
             splits[name].append(row)
     return splits

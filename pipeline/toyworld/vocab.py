@@ -15,9 +15,9 @@ Neither adds BOS/EOS on encode (no post-processor); callers append eos themselve
 
 from __future__ import annotations
 
+import json
 import os
 import string
-from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,7 +55,7 @@ def _special_list(family: str) -> list[str]:
     return list(dict.fromkeys(SPECIALS[family].values()))  # unique, in id order
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -70,7 +70,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def train_unigram(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_unigram(texts: list[str], vocab_size: int) -> Tokenizer:
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [  # pieces never span a line break; spaces become "▁" and start a new piece
@@ -79,18 +79,47 @@ def train_unigram(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         ]
     )
     tok.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="never")
+    # Printable ASCII is always in the vocab, so prompt templates with characters the corpus
+    # lacks still round-trip. We add those ourselves: the trainer's `initial_alphabet` scores
+    # them in hash-map order, which differs run to run.
+    seen = set("".join(texts).replace(" ", METASPACE))
+    missing = sorted((set(string.printable) - {" "} | {METASPACE}) - seen)
     trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size - len(missing),
         special_tokens=_special_list("unigram"),
         unk_token=SPECIALS["unigram"]["unk"],
-        # Printable ASCII is always kept, so prompt templates with unseen characters still round-trip.
-        initial_alphabet=sorted(set(string.printable) - {" "} | {METASPACE}),
         max_piece_length=12,
         show_progress=False,
     )
     with _single_threaded():
         tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return _canonical_unigram(tok, missing)
+
+
+def _canonical_unigram(tok: Tokenizer, extra_chars: list[str]) -> Tokenizer:
+    """Make the trained unigram byte-for-byte reproducible and add `extra_chars`.
+
+    The EM sums floats in hash-map order, so scores wobble in the last bits between runs, and
+    equal scores come out in any order. Round them (1e-6 is far above that noise, far below
+    anything that matters for Viterbi) and order ties by piece text. The trainer also appends
+    every corpus character it did not keep at `min_score + k * 1e-4`, k in hash-set order:
+    give those one shared score.
+    """
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]  # [[piece, log-prob], ...], specials first
+    n_special = len(_special_list("unigram"))
+    specials, pieces = vocab[:n_special], vocab[n_special:]
+    assert [p for p, _ in specials] == _special_list("unigram"), specials
+    floor = round(min(score for _, score in pieces), 6)
+    n_chars = sum(len(p) == 1 for p, _ in pieces)
+    band = floor + 1e-4 * (n_chars + 1)  # bounds the trainer's appended characters
+    pieces = [
+        [p, floor if len(p) == 1 and score < band else round(score, 6)] for p, score in pieces
+    ]
+    pieces += [[c, round(floor - 1.0, 6)] for c in extra_chars]  # usable, never preferred
+    pieces.sort(key=lambda ps: (-ps[1], ps[0]))
+    spec["model"]["vocab"] = specials + pieces
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def save_hf_tokenizer(
