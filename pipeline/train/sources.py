@@ -1,0 +1,270 @@
+"""Row sources (a teacher cache, or a data file in memory) and the micro-batch builder.
+
+The builder turns rows into tensors in the DataLoader workers: it tokenizes each row for the
+student from its raw text (the student's own vocabulary), checks that the student example and the
+teacher row are the same example, and collates both sides the official way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..cache.reader import CachedExample, CacheReader
+from ..cache.spec import CacheError
+from ..data import Example
+from ..tokenize import TokenizedExample, tokenize_text
+from .collate import collate_tokens, pad_rows
+
+
+class AlignmentError(ValueError):
+    """A student example and a teacher row that are not the same example."""
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class ExampleSource:
+    """Examples of a data file held in memory (data files are small; caches are not)."""
+
+    def __init__(self, examples: Sequence[Example]):
+        self.examples = list(examples)
+        self.num_rows = len(self.examples)
+
+    def fetch(self, indices: Sequence[int]) -> list[Example]:
+        return [self.examples[i] for i in indices]
+
+
+class CacheSource:
+    """A teacher cache addressed by global row (shards concatenated in manifest order).
+
+    The reader is opened lazily in each process (DataLoader workers fork the source). Rows of one
+    micro-batch that share a shard are read together, a run of nearby rows at a time, so a Zarr
+    chunk holding several of them is read once (see `_read_rows`).
+    """
+
+    def __init__(self, path: str | Path, fields: Sequence[str], cache_mb: int = 256):
+        self.path, self.fields = Path(path), tuple(fields)
+        self.cache_bytes = cache_mb << 20
+        self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
+        self._lru_bytes: dict[tuple[int, int], int] = {}
+        self._bounds: dict[int, np.ndarray] = {}
+        reader = CacheReader(self.path, fields=self.fields)
+        self.manifest = reader.manifest
+        self.shards = [(s["index"], s["name"], s["n_examples"]) for s in reader.shards]
+        self.starts = np.cumsum([0] + [n for _, _, n in self.shards])
+        self.num_rows = int(self.starts[-1])
+        self._reader: CacheReader | None = reader
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_reader"] = None  # each process opens its own handles and keeps its own LRU
+        state["_lru"], state["_lru_bytes"] = OrderedDict(), {}
+        return state
+
+    def reader(self) -> CacheReader:
+        if self._reader is None or self._pid != os.getpid():
+            self._reader, self._pid = CacheReader(self.path, fields=self.fields), os.getpid()
+            self._lru.clear()
+            self._lru_bytes.clear()
+        return self._reader
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """Global row → (shard list position, row in shard)."""
+        pos = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return pos, i - int(self.starts[pos])
+
+    def fetch(self, indices: Sequence[int]) -> list[CachedExample]:
+        by_shard: dict[int, list[int]] = {}
+        for i in indices:
+            pos, row = self.locate(i)
+            by_shard.setdefault(pos, []).append(row)
+        got: dict[tuple[int, int], CachedExample] = {}
+        for pos, rows in by_shard.items():
+            shard_index, name, _ = self.shards[pos]
+            try:
+                for ex in self._read_rows(shard_index, sorted(set(rows))):
+                    got[(pos, ex.row)] = ex
+            except CacheError:
+                raise
+            except Exception as e:  # noqa: BLE001 - arrow/zarr/OS errors all mean a bad shard
+                raise CacheError(f"{self.path}: shard {name} cannot be read ({type(e).__name__}: "
+                                 f"{e}); run `dskd cache verify {self.path}` and rerun "
+                                 "cache-teacher to rewrite it") from None
+        return [got[self.locate(i)] for i in indices]
+
+    def _read_rows(self, shard_index: int, rows: list[int]) -> list[CachedExample]:
+        """Rows of one shard through an LRU of decoded blocks (~one Zarr chunk of tokens each).
+
+        A shuffle window keeps drawing from the same few blocks for many micro-batches, so most
+        rows come from memory; memory stays under `cache_mb` whatever the cache size.
+        """
+        out = []
+        for r in rows:
+            start, block = self._block(shard_index, r)
+            out.append(block[r - start])
+        return out
+
+    def _block(self, shard_index: int, row: int) -> tuple[int, list[CachedExample]]:
+        reader = self.reader()
+        # TODO(cache helper): public `CacheReader.read_block(shard, row)` would replace these
+        # uses of the reader's shard handle and block rule.
+        sh = reader._shard(shard_index)
+        bounds = self._bounds.get(shard_index)
+        if bounds is None:
+            bounds, r = [0], 0
+            while r < len(sh):
+                r = reader._block_end(sh, r)
+                bounds.append(r)
+            self._bounds[shard_index] = bounds = np.asarray(bounds)
+        k = int(np.searchsorted(bounds, row, side="right")) - 1
+        key = (shard_index, int(bounds[k]))
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return key[1], self._lru[key]
+        block = sh.examples(range(int(bounds[k]), int(bounds[k + 1])), reader.fields, shard_index)
+        self._lru[key] = block
+        self._lru_bytes[key] = sum(a.nbytes for ex in block for a in
+                                   (getattr(ex, f) for f in reader.fields) if a is not None)
+        while len(self._lru) > 1 and sum(self._lru_bytes.values()) > self.cache_bytes:
+            old, _ = self._lru.popitem(last=False)
+            del self._lru_bytes[old]
+        return key[1], block
+
+    def lengths(self) -> np.ndarray:
+        """Token count n of every row (from the Arrow files; no per-token data is read)."""
+        import pyarrow as pa
+
+        from ..cache.spec import EXAMPLES_FILE, SHARDS_DIR
+
+        out = []
+        for _, name, _ in self.shards:
+            f = self.path / SHARDS_DIR / name / EXAMPLES_FILE
+            table = pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all()
+            out.append(table.column("n_tokens").to_numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+
+def check_shards_present(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Every committed shard's files exist with their recorded sizes, before any compute."""
+    from ..cache.spec import SHARDS_DIR
+
+    root = Path(path) / SHARDS_DIR
+    for s in manifest["shards"]:
+        d = root / s["name"]
+        if not d.is_dir():
+            raise CacheError(f"{path}: shard {s['name']} is missing ({d}); rerun the same "
+                             "`dskd cache-teacher` command to rewrite it")
+        for rel, info in (s.get("files") or {}).items():
+            f = d / rel
+            size = info.get("bytes") if isinstance(info, dict) else None
+            if not f.is_file() or (size is not None and f.stat().st_size != size):
+                raise CacheError(f"{path}: shard {s['name']} is corrupt ({rel} is "
+                                 f"{'missing' if not f.is_file() else 'truncated or changed'}); "
+                                 f"run `dskd cache verify {path}` and rerun cache-teacher")
+
+
+# --------------------------------------------------------------------------- batch builder
+
+
+@dataclass
+class BatchBuilder:
+    """rows → (example ids, tensors) for one micro-batch; runs inside DataLoader workers.
+
+    student_tokenizer tokenizes every row for the student. With a cache, the teacher side comes
+    from the row (`teacher_fields` selects the per-token arrays to collate); online, the teacher
+    side is tokenized here with teacher_tokenizer and the teacher forward runs in the loop.
+    """
+
+    student_tokenizer: Any
+    max_prompt_len: int
+    max_len: int
+    teacher_tokenizer: Any = None  # online mode
+    teacher_pad_id: int = 0
+    teacher_fields: tuple[str, ...] = ()  # cache mode: per-token arrays to collate
+    same_length: bool = False  # ULD: student and teacher padded to one length
+    with_teacher: bool = True
+
+    def __call__(self, rows: list[Any], padding: bool) -> tuple[list[str], dict[str, Any]]:
+        student = [self._student(r) for r in rows]
+        teacher = [self._teacher(r, s) for r, s in zip(rows, student)] if self.with_teacher else []
+        pad_to = None
+        if self.same_length and teacher:
+            pad_to = max(max(len(s.input_ids) for s in student),
+                         max(len(t[0]) for t in teacher)) - 1
+        masked = [padding] * len(rows)
+        out = collate_tokens([s.input_ids for s in student], [s.prompt_len for s in student],
+                             self.student_tokenizer.pad_token_id, pad_to=pad_to, masked=masked)
+        if teacher:
+            tt = collate_tokens([t[0] for t in teacher], [t[1] for t in teacher],
+                                self.teacher_pad_id, pad_to=pad_to, masked=masked)
+            out.update({f"teacher_{k}": v for k, v in tt.items()})
+            T_t = tt["input_ids"].shape[1]
+            for name in self.teacher_fields:
+                # padding rows are masked by the labels; id 0 keeps any gather in range
+                out[f"teacher_{name}"] = pad_rows([getattr(r, name) for r in rows], T_t, 0,
+                                                  dtype=torch.long if name == "topk_ids" else None)
+        return [s.example_id for s in student], out
+
+    def _student(self, row: Any) -> TokenizedExample:
+        ex = tokenize_text(_id(row), row.prompt, row.response, self.student_tokenizer,
+                           self.max_prompt_len, self.max_len)
+        if isinstance(row, CachedExample):
+            check_row(row, ex)
+        return ex
+
+    def _teacher(self, row: Any, student: TokenizedExample) -> tuple[list[int], int]:
+        if isinstance(row, CachedExample):
+            return row.input_ids.tolist(), int(row.prompt_len)
+        t = tokenize_text(row.id, row.prompt, row.response, self.teacher_tokenizer,
+                          self.max_prompt_len, self.max_len)
+        return t.input_ids, t.prompt_len
+
+
+def _id(row: Any) -> str:
+    return row.example_id if isinstance(row, CachedExample) else row.id
+
+
+def check_row(row: CachedExample, student: TokenizedExample) -> None:
+    """The student example and the cache row are one example: same id, same text, rows intact."""
+    where = f"example {row.example_id!r} (shard {row.shard}, row {row.row})"
+    if student.example_id != row.example_id:
+        raise AlignmentError(f"{where}: student example id {student.example_id!r} differs")
+    cached_text = row.prompt + row.response
+    if text_hash(student.text) != text_hash(cached_text):
+        raise AlignmentError(f"{where}: the student's text (hash {text_hash(student.text)}) is not "
+                             f"the cached text (hash {text_hash(cached_text)})")
+    n = len(row.input_ids)
+    for name in ("hidden", "topk_ids", "topk_logprobs", "tail_logprob"):
+        arr = getattr(row, name)
+        if arr is not None and arr.shape[0] != n - 1:
+            raise AlignmentError(f"{where}: {name} has {arr.shape[0]} rows but the cached sequence "
+                                 f"has {n} tokens (expected {n - 1}); the shard is corrupt, "
+                                 "rerun cache-teacher on it")
+
+
+def check_examples_match(examples: Sequence[Example], source: CacheSource) -> None:
+    """A data file given with a cache must hold the cached examples: same ids, same texts."""
+    reader = source.reader()
+    for ex in examples:
+        try:
+            row = reader.get(ex.id)
+        except KeyError:
+            raise AlignmentError(f"example {ex.id!r} (data row {ex.row}) is not in cache "
+                                 f"{source.path}") from None
+        if text_hash(ex.prompt + ex.response) != text_hash(row.prompt + row.response):
+            raise AlignmentError(f"example {ex.id!r} (data row {ex.row}): its text differs from the "
+                                 f"cached text (shard {row.shard}, row {row.row})")

@@ -1,0 +1,465 @@
+"""Train a student from a teacher cache (or online from a live teacher, or by plain SFT).
+
+    dskd distill --cache runs/cache --student models/student --out runs/dskd --method dskd
+    dskd distill --data train.jsonl --student models/teacher --out runs/teacher-sft --method sft
+    dskd distill --data train.jsonl --teacher models/teacher --student models/student --out runs/online
+    torchrun --nproc-per-node 2 -m dskd.cli distill ...        (DDP; add --fsdp to shard the student)
+
+The recipe: config checks → teacher side → student → loss → data → optimizer → resume → loop →
+final student. The loop is one function below, in the order it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from rich.console import Console
+
+from dskd.pipeline.config import save_config, to_dict
+from dskd.pipeline.losses.registry import build_loss
+from dskd.pipeline.train import checkpoint as ckpt
+from dskd.pipeline.train import distributed as dist
+from dskd.pipeline.train.distiller import Distiller
+from dskd.pipeline.train.loader import BatchStream, PlanConfig, to_device
+from dskd.pipeline.train.logger import MetricsLogger, train_progress, truncate_metrics
+from dskd.pipeline.train.models import (LoraOptions, gathered_state, load_student, load_tokenizer,
+                                        save_student, write_student)
+from dskd.pipeline.train.optim import LRSchedule, build_optimizer
+from dskd.pipeline.train.setup import (RunInputs, TeacherSide, build_teacher_side, check_config,
+                                       make_source, student_dims)
+from dskd.pipeline.train.signal import build_signal, round_hidden, teacher_forward, topk_from_hidden
+
+console = Console(stderr=True)
+
+Method = Literal["sft", "kd", "dskd", "dskd-cma", "uld", "mined"]
+Divergence = Literal["fkl", "rkl", "js", "skl", "srkl", "akl", "tvd"]
+
+
+@dataclass
+class DistillConfig:
+    # --- what to train on
+    student: str = field(default="", metadata={"help": "student model dir (HF, with tokenizer)"})
+    out: str = field(default="", metadata={"help": "run dir: checkpoints/, final/, metrics.jsonl"})
+    cache: Optional[str] = field(default=None, metadata={"help": "teacher cache dir (stage 1)"})
+    teacher: Optional[str] = field(default=None, metadata={
+        "help": "teacher model dir: distill ONLINE (teacher forward in the loop) from --data"})
+    data: Optional[str] = field(default=None, metadata={
+        "help": "training data file (for --method sft, or online with --teacher)"})
+    valid_cache: Optional[str] = field(default=None, metadata={
+        "help": "held-out cache for validation loss (same teacher and template as --cache)"})
+    valid_data: Optional[str] = field(default=None, metadata={
+        "help": "held-out data file: validation loss (online/SFT) and generation ROUGE-L"})
+    field_map: Optional[str] = field(default=None, metadata={
+        "help": "data columns as canonical=column,... (see pipeline/data.py)"})
+    template: Optional[Literal["dskd", "chat", "none"]] = field(default=None, metadata={
+        "help": "prompt template for data files; with --cache it must match the cache's "
+                "(default: the cache's, else dskd)"})
+    max_prompt_len: Optional[int] = field(default=None, metadata={
+        "help": "prompt tokens kept (default: the cache's, else 256)"})
+    max_len: Optional[int] = field(default=None, metadata={
+        "help": "sequence tokens kept (default: the cache's, else 512)"})
+    on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
+        "help": "a bad data row stops the run (error) or is skipped and reported (skip)"})
+    # --- method
+    method: Method = field(default="dskd", metadata={"help": "distillation method"})
+    divergence: Divergence = field(default="fkl", metadata={"help": "KD divergence"})
+    teacher_signal: Literal["exact", "topk"] = field(default="exact", metadata={
+        "help": "exact: full teacher logits = cached hidden × cached head; topk: cached top-k + "
+                "tail only (cheap)"})
+    kd_rate: float = field(default=0.5, metadata={"help": "α: loss = (1-α)·CE + α·KD"})
+    kd_temperature: float = field(default=2.0, metadata={"help": "τ of every KD divergence"})
+    skew_lambda: float = field(default=0.1, metadata={"help": "λ of skl/srkl"})
+    adaptive_kl_alpha: float = field(default=0.5, metadata={"help": "head/tail split of akl"})
+    online_top_k: int = field(default=64, metadata={
+        "help": "online --teacher-signal topk: k of the live top-k"})
+    online_hidden_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
+        "help": "online: round live teacher hidden states as a cache of this dtype stores them "
+                "(to compare a cache with its online reference bit for bit)"})
+    # --- optimisation (paper's GPT-2 setting)
+    epochs: int = field(default=20, metadata={"help": "passes over the training set"})
+    max_steps: Optional[int] = field(default=None, metadata={
+        "help": "stop after this many optimizer steps (overrides --epochs for the schedule)"})
+    batch_size: int = field(default=32, metadata={"help": "examples per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step (global batch = batch × accum × processes)"})
+    lr: float = field(default=5e-4, metadata={"help": "student learning rate"})
+    projector_lr: float = field(default=1e-3, metadata={"help": "projector learning rate"})
+    min_lr: float = field(default=1e-7, metadata={"help": "floor of the cosine schedule"})
+    lr_schedule: Literal["cosine", "constant"] = field(default="cosine", metadata={
+        "help": "after warmup: cosine to --min-lr, or constant"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
+    seed: int = field(default=42, metadata={"help": "seed of init, data order and dropout"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "auto: bf16 autocast on GPU, fp32 on CPU"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    # --- once in a while
+    eval_interval: int = field(default=0, metadata={
+        "help": "validate every N steps (0 = at the end of each epoch)"})
+    save_interval: int = field(default=0, metadata={
+        "help": "checkpoint every N steps (0 = at the end of each epoch); always at the end"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best)"})
+    log_interval: int = field(default=10, metadata={"help": "log to metrics.jsonl every N steps"})
+    eval_rouge: bool = field(default=False, metadata={
+        "help": "also generate on --valid-data and score ROUGE-L (selects the best checkpoint)"})
+    eval_samples: int = field(default=0, metadata={"help": "examples for ROUGE-L (0 = all)"})
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "ROUGE-L generation length"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest complete checkpoint in --out (fresh start if none)"})
+    overwrite: bool = field(default=False, metadata={"help": "delete an existing run in --out"})
+    # --- data loading
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers per process"})
+    shuffle: bool = field(default=True, metadata={"help": "shuffle the training order"})
+    shuffle_buffer: int = field(default=1024, metadata={"help": "rows in the shuffle buffer"})
+    block_size: int = field(default=256, metadata={"help": "consecutive rows shuffled as a block"})
+    dense_logits_max_mb: int = field(default=1024, metadata={
+        "help": "exact signal: materialise teacher logits up to this size, else chunk them"})
+    # --- scale-out
+    fsdp: bool = field(default=False, metadata={"help": "shard the student with FSDP2"})
+    lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (peft)"})
+    lora_r: int = field(default=256, metadata={"help": "LoRA rank (paper: 256)"})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (paper: 8)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (paper: 0.1)"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "modules LoRA adapts"})
+    tensorboard: bool = field(default=True, metadata={"help": "TensorBoard logs if installed"})
+
+
+def run(cfg: DistillConfig) -> Path:
+    env = dist.init_distributed(cfg.device)
+    try:
+        return train(cfg, env)
+    finally:
+        dist.cleanup()
+
+
+def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
+    out = Path(cfg.out)
+    say = console.print if env.is_main else (lambda *a, **k: None)
+
+    # ---- checks before compute: every problem at once, then the inputs they resolved
+    inp: RunInputs = check_config(cfg)
+    resume_from = _prepare_run_dir(cfg, out, env)
+    for note in inp.notes:
+        say(f"[yellow]note:[/] {note}")
+
+    # ---- teacher side (cache reader + head, or live teacher, or none for SFT)
+    device = env.device
+    student_tok, tok_notes = load_tokenizer(cfg.student)
+    for note in tok_notes:  # a student tokenizer without EOS/pad gets one, and the user is told
+        say(f"[yellow]student tokenizer:[/] {note}")
+    teacher: TeacherSide = build_teacher_side(cfg, inp, student_tok, device)
+
+    # ---- student, loss (projectors), the trainable unit
+    ckpt_state = ckpt.load_checkpoint(resume_from) if resume_from else None
+    ckpt.seed_everything(cfg.seed)
+    lora = LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                       tuple(cfg.lora_target_modules)) if cfg.lora else None
+    student = load_student(cfg.student, student_tok, lora=lora,
+                           weights_dir=ckpt_state["student_dir"] if ckpt_state else None,
+                           adapter_dir=ckpt_state["student_dir"] if ckpt_state and lora else None)
+    loss_fn = build_loss(cfg.method, cfg.divergence, d_student=student_dims(student),
+                         d_teacher=teacher.hidden_size, student_tokenizer=student_tok,
+                         teacher_tokenizer=teacher.tokenizer, kd_rate=cfg.kd_rate,
+                         kd_temperature=cfg.kd_temperature, skew_lambda=cfg.skew_lambda,
+                         adaptive_kl_alpha=cfg.adaptive_kl_alpha,
+                         teacher_target="sparse" if cfg.teacher_signal == "topk" else "dense")
+    if getattr(loss_fn, "query", None) is not None and cfg.method == "dskd":
+        loss_fn.query.requires_grad_(False)  # the official unused projector: no grad, no DDP sync
+    model = Distiller(student, loss_fn).to(device)
+    if ckpt_state:
+        loss_fn.load_state_dict(ckpt_state["projectors"])
+    if cfg.fsdp:
+        model = dist.wrap_fsdp2(model, student, env)
+    else:
+        model = dist.wrap_ddp(model, env)
+
+    # ---- data: one stream over the training rows, one over the validation rows
+    plan = PlanConfig(batch_size=cfg.batch_size, world_size=env.world_size, seed=cfg.seed,
+                      shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
+                      block_size=cfg.block_size)
+    source, build = make_source(cfg, inp, teacher, student_tok, loss_fn, split="train")
+    stream = BatchStream(source, plan, env.rank, build, grad_accum=cfg.grad_accum,
+                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    valid = make_source(cfg, inp, teacher, student_tok, loss_fn, split="valid")
+    say(f"[bold]distill[/] {cfg.method} ({cfg.divergence}, signal {teacher.mode}) · "
+        f"{source.num_rows} train rows · {stream.steps_per_epoch} steps/epoch · "
+        f"{env.world_size} process(es) on {device}")
+
+    # ---- optimizer (student + projectors) and schedule (now that the step count is known)
+    total_steps = cfg.max_steps or cfg.epochs * stream.steps_per_epoch
+    optimizer = build_optimizer(dist.unwrap(model).student, loss_fn, lr=cfg.lr,
+                                projector_lr=cfg.projector_lr, weight_decay=cfg.weight_decay)
+    schedule = LRSchedule(total_steps, cfg.warmup_steps, cfg.min_lr, cfg.lr_schedule)
+    step, best = 0, None
+    if ckpt_state:  # ---- resume: optimizer, data position, RNG of this rank
+        t = ckpt_state["trainer"]
+        _load_optimizer(model, optimizer, ckpt_state["optimizer"])
+        step, best = t["step"], t.get("best")
+        stream.seek(**t["position"])
+        rngs = ckpt_state["rng"]
+        ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
+        if env.is_main:
+            truncate_metrics(out, step)
+        say(f"resumed from {resume_from.name} (step {step}, epoch {t['position']['epoch']})")
+    if env.is_main:
+        save_config(cfg, out)
+    logger = MetricsLogger(out, enabled=env.is_main, tensorboard=cfg.tensorboard)
+    autocast = _autocast(cfg.precision, device)
+
+    # ---- the loop
+    eval_every = cfg.eval_interval or stream.steps_per_epoch
+    save_every = cfg.save_interval or stream.steps_per_epoch
+    start_step = step
+    batches = stream.steps()
+    tokens_seen, t_last = 0, time.perf_counter()
+    progress = train_progress(env.is_main)
+    task = progress.add_task("distill", total=total_steps, completed=step, loss=float("nan"), tps=0)
+    with progress:
+        while True:
+            last = step >= total_steps
+            lr = schedule.apply(optimizer, step)
+
+            # once in a while: validate (keep the best), checkpoint; always after the last step
+            if step > start_step and (step % eval_every == 0 or last):
+                metrics = evaluate(model, valid, teacher, cfg, env, autocast, student_tok)
+                logger.log(step, metrics)
+                value = metrics.get(_best_key(cfg))
+                if value is not None and (best is None or _better(cfg, value, best["value"])):
+                    best = {"step": step, "metric": _best_key(cfg), "value": value}
+            if step > start_step and (step % save_every == 0 or last):
+                _save(out, step, model, student_tok, optimizer, schedule, stream, best, cfg, env)
+            if last:
+                break
+
+            # forward / backward over the step's micro-batches (gradient accumulation)
+            epoch, group = next(batches)
+            n_label = dist.all_reduce_sum(torch.tensor(
+                float(sum(int(mb.tensors["labels"].ne(-100).sum()) for mb in group)))).item()
+            # official batch_denom: label tokens of the global batch / (accum × world)
+            batch_denom = max(n_label, 1.0) / (len(group) * env.world_size)
+            sums: dict[str, float] = {}
+            for i, mb in enumerate(group):
+                t = to_device(mb.tensors, device)
+                tokens_seen += int(t["attention_mask"].sum())
+                with _grad_sync(model, i == len(group) - 1), autocast:
+                    signal = teacher_signal(teacher, t, cfg, loss_fn)
+                    res = model(t, signal, batch_denom)
+                # Σ_micro loss/accum, averaged over ranks by DDP = Σ loss_sum / n_label
+                (res.loss / len(group)).backward()
+                for k, v in res.terms.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            grad_norm = _clip(model, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # log every term as a mean per label token of the global batch
+            if step % cfg.log_interval == 0 or step == total_steps or step == start_step + 1:
+                keys = sorted(sums)
+                red = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [tokens_seen],
+                                                       dtype=torch.float64))
+                now = time.perf_counter()
+                tps = red[-1].item() / max(now - t_last, 1e-9)
+                row = {k: red[j].item() / max(n_label, 1.0) for j, k in enumerate(keys)}
+                row["loss"] = row.pop("loss_sum")
+                row.update(epoch=epoch, lr=lr, projector_lr=optimizer.param_groups[1]["lr"],
+                           grad_norm=grad_norm, tokens_per_s=tps, label_tokens=n_label)
+                logger.log(step, row)
+                progress.update(task, completed=step, loss=row["loss"], tps=tps)
+                tokens_seen, t_last = 0, now
+            else:
+                progress.update(task, completed=step)
+
+    # ---- outputs: the final student as a plain HF dir (LoRA merged), then close
+    save_student(dist.unwrap(model).student, student_tok, out / "final.tmp", is_main=env.is_main,
+                 merge_lora=True)
+    if env.is_main:
+        ckpt.publish_dir(out / "final.tmp", out / "final")
+        (out / "final" / "dskd_run.json").write_text(json.dumps(
+            {"step": step, "method": cfg.method, "best": best}, indent=2) + "\n")
+    dist.barrier()
+    logger.close()
+    say(f"[green]done[/]: {out / 'final'} (step {step}"
+        + (f", best {best['metric']} {best['value']:.4f} at step {best['step']})" if best else ")"))
+    return out / "final"
+
+
+# --------------------------------------------------------------------------- helpers of the loop
+
+
+def teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig, loss_fn) -> Any:
+    """The micro-batch's TeacherSignal: from the cached rows, or from the live teacher."""
+    if teacher.mode == "none":
+        return None
+    if teacher.model is not None:  # online: teacher forward now, then the same signal code
+        h = round_hidden(teacher_forward(teacher.model, t), cfg.online_hidden_dtype)
+        t["teacher_hidden"] = h
+        if teacher.mode == "topk":
+            t.update(topk_from_hidden(h, t["teacher_labels"], teacher.head, cfg.online_top_k))
+    return build_signal(t, teacher.head, mode=teacher.mode,
+                        needs_hidden=loss_fn.needs_teacher_hidden,
+                        needs_embed=loss_fn.needs_teacher_embeddings,
+                        dense_max_bytes=cfg.dense_logits_max_mb << 20)
+
+
+@torch.no_grad()
+def evaluate(model, valid, teacher: TeacherSide, cfg: DistillConfig, env: dist.DistEnv,
+             autocast, student_tok) -> dict[str, float]:
+    """Validation loss terms (per label token) and, if asked, generation ROUGE-L."""
+    out: dict[str, float] = {}
+    if valid is None:
+        return out
+    source, build, override = valid
+    model.eval()
+    plan = PlanConfig(batch_size=cfg.batch_size, world_size=env.world_size, shuffle=False)
+    stream = BatchStream(source, plan, env.rank, build, grad_accum=1, num_workers=0)
+    sums: dict[str, float] = {}
+    batches = stream.steps()
+    for _ in range(stream.steps_per_epoch):
+        _, (mb,) = next(batches)
+        t = to_device(mb.tensors, env.device)
+        with autocast:
+            sig = None if override else teacher_signal(teacher, t, cfg, dist.unwrap(model).loss)
+            o = model(t, sig, 1.0, loss=override)
+        for k, v in o.terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        sums["_tokens"] = sums.get("_tokens", 0.0) + float(t["labels"].ne(-100).sum())
+    keys = sorted(sums)
+    red = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+    got = dict(zip(keys, red.tolist()))
+    n = max(got.pop("_tokens"), 1.0)
+    out = {f"valid_{k}": v / n for k, v in got.items()}
+    out["valid_loss"] = out.pop("valid_loss_sum")
+    if cfg.eval_rouge and env.is_main:
+        out["valid_rougeL"] = _rouge(dist.unwrap(model).student, student_tok, cfg)
+    if cfg.eval_rouge and env.distributed:
+        out["valid_rougeL"] = dist.broadcast_object(out.get("valid_rougeL"))
+    model.train()
+    return out
+
+
+def _rouge(student, tok, cfg: DistillConfig) -> float:
+    """Greedy generation on --valid-data, mean max-over-references ROUGE-L (in [0, 100])."""
+    from dskd.pipeline.data import load_examples
+    from dskd.pipeline.generate import generate_transformers
+    from dskd.pipeline.metrics import rouge_l
+
+    examples = load_examples(cfg.valid_data, field_map=cfg.field_map,
+                             template=cfg.template or "dskd", on_bad_row=cfg.on_bad_row)
+    if cfg.eval_samples:
+        examples = examples[: cfg.eval_samples]
+    with torch.random.fork_rng(devices=[]):  # generation must not move the training RNG
+        tok.padding_side = "left"
+        try:
+            texts = generate_transformers(student, tok, [e.prompt for e in examples],
+                                          [e.id for e in examples], seed=cfg.seed,
+                                          decoding="greedy",
+                                          max_new_tokens=cfg.eval_max_new_tokens,
+                                          max_prompt_len=cfg.max_prompt_len or 256,
+                                          batch_size=cfg.batch_size)
+        finally:
+            tok.padding_side = "right"
+    scores = [rouge_l(t, e.references) for t, e in zip(texts, examples)]
+    return 100.0 * sum(scores) / max(1, len(scores)) if max(scores, default=0) <= 1 else \
+        sum(scores) / max(1, len(scores))
+
+
+def _best_key(cfg: DistillConfig) -> str:
+    return "valid_rougeL" if cfg.eval_rouge else "valid_ce_loss"
+
+
+def _better(cfg: DistillConfig, new: float, old: float) -> bool:
+    return new > old if cfg.eval_rouge else new < old
+
+
+def _autocast(precision: str, device: torch.device):
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _grad_sync(model, sync: bool):
+    """All-reduce gradients only on the last micro-batch of a step (DDP no_sync / FSDP2 flag)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    elif not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _clip(model, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _prepare_run_dir(cfg: DistillConfig, out: Path, env: dist.DistEnv) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to mix a new run into an old one."""
+    out.mkdir(parents=True, exist_ok=True)
+    latest = ckpt.latest_checkpoint(out)
+    if cfg.resume:
+        return latest
+    if latest is not None or (out / "final").exists():
+        if not cfg.overwrite:
+            raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or "
+                             "--overwrite to start over")
+        if env.is_main:
+            import shutil
+
+            for name in (ckpt.CKPT_SUBDIR, "final", "metrics.jsonl", "tensorboard"):
+                p = out / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        dist.barrier()
+    return None
+
+
+def _save(out, step, model, tok, optimizer, schedule, stream, best, cfg, env) -> None:
+    """Checkpoint `step`: every rank gathers (FSDP2: full tensors; RNG, data positions), rank 0
+    writes atomically, marks the best and prunes to --keep-last."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = dist.unwrap(model)
+    osd = get_optimizer_state_dict(inner, optimizer,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    projectors = {k: _full(v) for k, v in inner.loss.state_dict().items()}
+    student_state = gathered_state(inner.student)
+    rngs = dist.all_gather_object(ckpt.rng_state())
+    positions = dist.all_gather_object(stream.worker_positions())
+    if env.is_main:
+        trainer = {"step": step, "position": stream.position, "best": best,
+                   "schedule": schedule.state_dict(), "world_size": env.world_size,
+                   "rank_worker_positions": positions, "config": to_dict(cfg)}
+        ckpt.save_checkpoint(out, step, save_student=lambda d: write_student(
+            inner.student, tok, d, student_state), projectors=projectors, optimizer=osd,
+            trainer=trainer, rng=rngs)
+        if best is not None and best["step"] == step:
+            ckpt.mark_best(out, step, best["metric"], best["value"])
+        ckpt.prune_checkpoints(out, cfg.keep_last)
+    dist.barrier()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain CPU tensor from a (maybe FSDP2-sharded) parameter (collective when sharded)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu()
+
+
+def _load_optimizer(model, optimizer, state) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(dist.unwrap(model), optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
