@@ -98,6 +98,7 @@ def token_fidelity(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -
     s_logp = F.log_softmax(student_logits.float(), dim=-1)  # (T, V)
     # xlogy-style: positions where p_t == 0 contribute 0 even if log p_s = -inf.
     kl = (t_logp.exp() * (t_logp - s_logp)).nan_to_num(nan=0.0, posinf=math.inf).sum(-1)  # (T,)
+    kl = kl.clamp_min(0.0)  # KL ≥ 0; identical rows can come out at -1e-8 in float32
     agree = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum()
     return {"kl_sum": kl.sum().item(), "agree": agree.item(), "tokens": teacher_logits.shape[0]}
 

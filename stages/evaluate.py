@@ -76,7 +76,7 @@ class EvalConfig:
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
         "help": "bad eval rows: stop, or skip and list them in skipped_rows.jsonl"})
     limit: int | None = field(default=None, metadata={
-        "help": "score only the first N examples of each set (quick checks)"})
+        "help": "use only the first N examples of each set and of --cache (quick checks)"})
     cache: str | None = field(default=None, metadata={
         "help": "teacher cache of a held-out split: adds KL(T‖S), top-1 agreement, NLL/PPL"})
 

@@ -287,3 +287,34 @@ def test_cli_eval_and_flags(toy_world, tmp_path):
     r = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "nope"), "--data",
                                  str(toy_world.valid), "--out", str(out)])
     assert r.exit_code == 1 and "does not exist" in r.output
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def test_fidelity_against_a_real_teacher_cache(toy_world, tmp_path):
+    from dskd.stages.cache_teacher import CacheTeacherConfig
+    from dskd.stages.cache_teacher import run as cache_run
+
+    cache = tmp_path / "cache"
+    cache_run(CacheTeacherConfig(teacher=str(toy_world.teacher), data=str(toy_world.test),
+                                 out=str(cache), limit=4, progress=False))
+    out = tmp_path / "fid"
+    ev.run(_cfg(toy_world, out, model=[str(toy_world.teacher), str(toy_world.student),
+                                       str(toy_world.student_xvocab)],
+                data=[str(toy_world.valid)], seeds=[10], limit=2, max_new_tokens=4, cache=str(cache)))
+    fid = json.loads((out / "results.json").read_text())["fidelity"]
+    # the teacher against its own cache: fp16-stored hidden states, so ~0 and full agreement
+    assert fid["teacher"]["kl"] == pytest.approx(0.0, abs=1e-3)
+    assert fid["teacher"]["top1_agreement"] == pytest.approx(100.0)
+    assert fid["student"]["kl"] > 10 * fid["teacher"]["kl"] + 1e-3
+    assert fid["teacher"]["fidelity_tokens"] == fid["student"]["fidelity_tokens"] > 0
+    assert fid["student_xvocab"]["kl"] is None and fid["student_xvocab"]["nll"] > 0
+    assert all(f["examples"] == 2 for f in fid.values())
+    report = (out / "report.md").read_text()
+    assert "## Fidelity to the teacher" in report and "| student_xvocab |" in report
+
+
+def test_missing_cache_dir_is_reported(toy_world, tmp_path):
+    with pytest.raises(ev.EvalError, match="--cache .* is not a directory"):
+        ev.run(_cfg(toy_world, tmp_path / "x", cache=str(tmp_path / "nocache")))
