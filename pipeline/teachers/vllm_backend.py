@@ -59,10 +59,12 @@ class VLLMTeacher:
         *,
         dtype: str = "auto",
         max_model_len: int | None = None,
-        gpu_memory_utilization: float = 0.9,
+        # vLLM's share of the GPU (weights + KV cache). Not 0.9: the head step runs in this
+        # process on the same GPU and needs the LM head plus a (rows, V) fp32 logits chunk.
+        gpu_memory_utilization: float = 0.85,
         tensor_parallel_size: int = 1,
         seed: int = 0,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         head_device: str | torch.device | None = None,
         **engine_kwargs: Any,
     ) -> None:
@@ -85,6 +87,12 @@ class VLLMTeacher:
         from vllm.config import PoolerConfig
 
         self._llm = None  # so close() is safe whatever happens below
+        if enforce_eager is None:
+            # On CPU there are no CUDA graphs to capture, and torch.compile adds ~80 s to every
+            # engine start (measured on 2 cores) for a forward-only job: default to eager there.
+            from vllm.platforms import current_platform
+
+            enforce_eager = current_platform.is_cpu()
         self.model_dir = model_dir
         self.device = torch.device(
             head_device or ("cuda" if torch.cuda.is_available() else "cpu"))
