@@ -10,8 +10,6 @@ import torch
 from torch import Tensor
 
 from dskd.pipeline.losses.common import (
-    HeadLogits,
-    head_logits,
     map_rows,
     masked_sum,
     token_ce,
@@ -104,20 +102,11 @@ class ULDLoss(DistillLoss):
         rows, to_logits = student.logit_rows()
         y = student.labels.reshape(-1)
         partner = uld_partners(student.labels, teacher.labels)  # (B*T_s,) teacher flat row
-        tgt = teacher.dense_target()
-        t_flat = tgt.reshape(-1, tgt.shape[-1]) if isinstance(tgt, Tensor) else None
-        if t_flat is None:
-            h = tgt.hidden.reshape(-1, tgt.hidden.shape[-1])
         v_t = teacher.vocab()
-
-        def teacher_rows(idx: Tensor) -> Tensor:
-            if t_flat is not None:
-                return t_flat.index_select(0, idx).detach().float()
-            return head_logits(h.index_select(0, idx), tgt.weight, tgt.bias).detach()
 
         def fn(x: Tensor, yy: Tensor, part: Tensor) -> Tensor:
             z = to_logits(x)
-            zt = teacher_rows(part.clamp(min=0))
+            zt = teacher.dense_rows(part.clamp(min=0))
             d = sorted_prob_l1(z, zt)
             return stack_terms(token_ce(z, yy), d * part.ge(0), token_hits(z, yy))
 
@@ -165,4 +154,4 @@ def sorted_prob_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (p - q).abs().sum(-1)
 
 
-__all__ = ["SFTLoss", "VanillaKD", "ULDLoss", "HeadLogits", "uld_partners", "sorted_prob_l1"]
+__all__ = ["SFTLoss", "VanillaKD", "ULDLoss", "uld_partners", "sorted_prob_l1"]

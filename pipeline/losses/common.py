@@ -32,10 +32,15 @@ def gather_labels(labels: Tensor) -> Tensor:
     return labels.masked_fill(labels.eq(IGNORE_INDEX), 0)
 
 
-def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """(…, D) @ (V, D).T (+ b) -> (…, V) in float32: the one place a head is applied."""
+def head_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None = None,
+                scale: float = 1.0) -> Tensor:
+    """((…, D) @ (V, D).T + b)·scale -> (…, V) in float32: the one place a head is applied.
+
+    scale is the constant logit scale some teachers apply (Cohere, Granite; cache `logit_scale`).
+    """
     out = hidden.float() @ weight.float().T
-    return out + bias.float() if bias is not None else out
+    out = out + bias.float() if bias is not None else out
+    return out * scale if scale != 1.0 else out
 
 
 @dataclass
@@ -49,13 +54,14 @@ class HeadLogits:
     hidden: Tensor
     weight: Tensor
     bias: Tensor | None = None
+    scale: float = 1.0
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
     def materialize(self) -> Tensor:
-        return head_logits(self.hidden, self.weight, self.bias)
+        return head_logits(self.hidden, self.weight, self.bias, self.scale)
 
 
 def token_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -81,10 +87,6 @@ def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:
 
 def chunk_rows_for(vocab_size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     return max(1, chunk_bytes // (4 * max(1, vocab_size)))
-
-
-def _flat_rows(t: Tensor, lead: int) -> Tensor:
-    return t.reshape(-1, *t.shape[lead:])
 
 
 def map_rows(

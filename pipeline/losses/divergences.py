@@ -295,7 +295,7 @@ def _detach_target(target: Target) -> Target:
         return target.detach()
     if isinstance(target, HeadLogits):
         b = target.bias.detach() if target.bias is not None else None
-        return HeadLogits(target.hidden.detach(), target.weight.detach(), b)
+        return HeadLogits(target.hidden.detach(), target.weight.detach(), b, target.scale)
     return target
 
 
@@ -308,6 +308,7 @@ def target_rows(target: Target, n_lead: int):
     if isinstance(target, Tensor):
         return [flat(target)], lambda r: r[0]
     if isinstance(target, HeadLogits):
-        return [flat(target.hidden)], lambda r: HeadLogits(r[0], target.weight, target.bias)
+        return [flat(target.hidden)], lambda r: HeadLogits(
+            r[0], target.weight, target.bias, target.scale)
     rows = [flat(target.ids), flat(target.logprobs), flat(target.tail_logprob)]
     return rows, lambda r: SparseTarget(r[0], r[1], target.vocab_size, r[2])

@@ -135,7 +135,7 @@ class DualSpaceLoss(DistillLoss):
         t_rows, rebuild = target_rows(teacher.dense_target(), 2)
 
         def fn(h: Tensor, y: Tensor, *tr: Tensor | None) -> Tensor:
-            s2t_logits = head_logits(h, w_t, b_t)
+            s2t_logits = head_logits(h, w_t, b_t, teacher.head_logit_scale)
             kd = divergence(self.teacher_divergence, s2t_logits, rebuild(tr), opts)
             return stack_terms(kd, token_hits(s2t_logits, y))
 
@@ -145,7 +145,7 @@ class DualSpaceLoss(DistillLoss):
         out = map_rows(fn, [h, y, *t_rows], select=sel, chunk_rows=self.chunk_rows,
                        vocab_size=w_t.shape[0])
         if self.keep_intermediates:
-            self.keep(s2t_logits=head_logits(s2t_h, w_t, b_t),
+            self.keep(s2t_logits=head_logits(s2t_h, w_t, b_t, teacher.head_logit_scale),
                       s2t_kd_per_token=out[:, 0].reshape(teacher.labels.shape))
         return out
 

@@ -57,6 +57,7 @@ class TeacherSignal:
     hidden: Tensor | None = None  # (B, T_t, D_t)
     head_weight: Tensor | None = None  # (V_t, D_t)
     head_bias: Tensor | None = None  # (V_t,)
+    head_logit_scale: float = 1.0  # logits = (hidden @ head.T + b) * scale (cache logit_scale)
     embed_weight: Tensor | None = None  # (V_t, D_t) input embeddings: CMA keys
     topk_ids: Tensor | None = None  # (B, T_t, k)
     topk_logprobs: Tensor | None = None  # (B, T_t, k) log_softmax at τ=1, full vocabulary
@@ -87,10 +88,21 @@ class TeacherSignal:
         if self.logits is not None:
             return self.logits
         h = _need(self.hidden, "teacher.logits or teacher.hidden")
-        return HeadLogits(h, _need(self.head_weight, "teacher.head_weight"), self.head_bias)
+        w = _need(self.head_weight, "teacher.head_weight")
+        return HeadLogits(h, w, self.head_bias, self.head_logit_scale)
+
+    def dense_rows(self, flat_idx: Tensor) -> Tensor:
+        """(n, V_t) float32 teacher logits of the given flattened rows (b * T_t + t), no grad."""
+        with torch.no_grad():
+            if self.logits is not None:
+                return self.logits.reshape(-1, self.logits.shape[-1]).index_select(0, flat_idx).float()
+            h = _need(self.hidden, "teacher.logits or teacher.hidden")
+            rows = h.reshape(-1, h.shape[-1]).index_select(0, flat_idx)
+            w = _need(self.head_weight, "teacher.head_weight")
+            return head_logits(rows, w, self.head_bias, self.head_logit_scale)
 
     def sparse_target(self) -> SparseTarget:
-        ids = _need(self.topk_ids, "teacher.topk_ids")
+        ids = _need(self.topk_ids, "teacher.topk_ids").long()  # the cache stores int32
         lp = _need(self.topk_logprobs, "teacher.topk_logprobs")
         return SparseTarget(ids, lp, self.vocab(), self.tail_logprob)
 
