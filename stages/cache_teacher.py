@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,8 +24,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..pipeline.cache import spec
-from ..pipeline.cache.fingerprint import (config_fingerprint, dataset_fingerprint,
-                                          tokenizer_fingerprint, weights_fingerprint)
+from ..pipeline.cache.fingerprint import (
+    config_fingerprint,
+    dataset_fingerprint,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
 from ..pipeline.cache.lock import WriterLock
 from ..pipeline.cache.manifest import finalize, load_commits, load_manifest
 from ..pipeline.cache.quant import codes_to_numpy, encode_hidden
@@ -47,8 +51,8 @@ class CacheTeacherConfig:
     teacher: str = field(default="", metadata={"help": "teacher model directory (HF format)"})
     data: str = field(default="", metadata={"help": "dataset file or directory (jsonl/json/parquet/csv/HF dir)"})
     out: str = field(default="", metadata={"help": "cache directory to write (or resume)"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer dir [default: --teacher]"})
-    limit: Optional[int] = field(default=None, metadata={"help": "use only the first N examples"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir [default: --teacher]"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N examples"})
     backend: Literal["transformers", "vllm"] = field(default="transformers", metadata={"help": "teacher backend"})
     hidden_dtype: Literal["fp16", "bf16", "fp8"] = field(
         default="fp16", metadata={"help": "storage dtype of hidden states (fp8: e4m3 + per-token scale)"})
@@ -58,7 +62,7 @@ class CacheTeacherConfig:
     max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens kept"})
     max_len: int = field(default=512, metadata={"help": "tokens kept per example (prompt+response+eos)"})
     template: Literal["dskd", "chat", "none"] = field(default="dskd", metadata={"help": "prompt template"})
-    field_map: Optional[str] = field(default=None, metadata={"help": "canonical=column,... for unknown schemas"})
+    field_map: str | None = field(default=None, metadata={"help": "canonical=column,... for unknown schemas"})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={"help": "bad-row policy"})
     num_workers: int = field(default=1, metadata={"help": "independent workers (job arrays) sharing --out"})
     worker_index: int = field(default=0, metadata={"help": "this worker's index in [0, --num-workers)"})
@@ -114,7 +118,7 @@ def run(cfg: CacheTeacherConfig) -> Path:
     validate(cfg)
     env = init_distributed(cfg.device)
     try:
-        _, stats = cache_teacher(cfg, env)
+        cache_teacher(cfg, env)
     finally:
         cleanup()
     return Path(cfg.out)
@@ -257,11 +261,8 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
         tensors[spec.HEAD_BIAS] = head.bias
     if head.embed is not None:
         tensors[spec.EMBED_WEIGHT] = head.embed
-    meta = {"logit_scale": repr(head.logit_scale),
-            "embed_tokens": "tied" if head.embed is None else "stored"}
-    head_info = write_head(out, tensors, meta) | {
-        "logit_scale": head.logit_scale,
-        "tied_embeddings": head.embed is None,
+    meta = {"logit_scale": head.logit_scale, "tied_embeddings": head.embed is None}
+    head_info = write_head(out, tensors, meta) | meta | {
         # max |model logits - hidden @ head| on the first examples (None: backend has no logits)
         "check_max_abs_err": check_err,
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .manifest import shard_totals, committed_shards, load_manifest
+from .manifest import committed_shards, load_manifest, shard_totals
 from .spec import HIDDEN_STORAGE, TOKEN_OFFSETS, TOKEN_OFFSETS_DTYPE, token_fields
 
 
@@ -46,15 +46,15 @@ def format_inspect(info: dict[str, Any]) -> str:
     t = info["teacher"]
     sh = info["shards"]
     lines = [
-        f"cache      {info['path']}  ({info['format']} v{info['format_version']}, "
-        f"{'complete' if info['complete'] else 'INCOMPLETE'})",
-        f"teacher    {t.get('name')}  [{t.get('architecture')}]  D_t={info['hidden_size']} "
-        f"V={info['vocab_size']}  backend={t.get('backend')}",
-        f"contents   {info['examples']:,} examples, {info['tokens']:,} tokens "
-        f"({info['token_rows']:,} token rows), {sh['committed']}/{sh['total']} shards "
-        f"of {sh['shard_size']} examples",
-        f"fields     hidden {info['hidden_dtype']}, top-k {info['top_k']}, "
-        f"{info['bytes'] / 2**20:,.1f} MiB in shards",
+        (f"cache      {info['path']}  ({info['format']} v{info['format_version']}, "
+         f"{'complete' if info['complete'] else 'INCOMPLETE'})"),
+        (f"teacher    {t.get('name')}  [{t.get('architecture')}]  D_t={info['hidden_size']} "
+         f"V={info['vocab_size']}  backend={t.get('backend')}"),
+        (f"contents   {info['examples']:,} examples, {info['tokens']:,} tokens "
+         f"({info['token_rows']:,} token rows), {sh['committed']}/{sh['total']} shards "
+         f"of {sh['shard_size']} examples"),
+        (f"fields     hidden {info['hidden_dtype']}, top-k {info['top_k']}, "
+         f"{info['bytes'] / 2**20:,.1f} MiB in shards"),
         "",
         f"{'field':<16}{'dtype':<28}{'bytes/token':>12}",
     ]

@@ -16,8 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .spec import (CHECKSUM, COMMITS_DIR, FORMAT_NAME, FORMAT_VERSION, MANIFEST, CacheError,
-                   shard_name)
+from .spec import (
+    CHECKSUM,
+    COMMITS_DIR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    CacheError,
+    shard_name,
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

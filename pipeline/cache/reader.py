@@ -17,8 +17,17 @@ import zarr
 
 from .manifest import committed_shards, load_manifest
 from .quant import decode_hidden
-from .spec import (EXAMPLES_FILE, HEAD_FILE, SHARDS_DIR, TOKEN_OFFSETS, CacheError, chunk_rows,
-                   token_fields)
+from .spec import (
+    EMBED_WEIGHT,
+    EXAMPLES_FILE,
+    HEAD_FILE,
+    HEAD_WEIGHT,
+    SHARDS_DIR,
+    TOKEN_OFFSETS,
+    CacheError,
+    chunk_rows,
+    token_fields,
+)
 
 # Per-token fields a reader can ask for; "hidden" brings its fp8 scale along.
 READABLE = ("hidden", "topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob")
@@ -220,13 +229,21 @@ def open_cache(path: str | Path, fields: Collection[str] | None = None) -> Cache
 
 
 def load_head(path: str | Path, device: str | None = None) -> dict[str, Any]:
-    """The tensors of head.safetensors (``lm_head.weight`` (V, D_t), optional ``lm_head.bias``,
-    ``embed_tokens.weight``). Logits = hidden @ weight.T (+ bias), times manifest
-    ``head.logit_scale``."""
+    """The tensors of head.safetensors: ``lm_head.weight`` (V, D_t), ``lm_head.bias`` if the model
+    has one, ``embed_tokens.weight`` (V_in, D_t; the same tensor as the head when tied). Logits =
+    (hidden @ weight.T + bias) * manifest ``head.logit_scale``."""
+    import json
+
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     p = Path(path)
     f = p / HEAD_FILE if p.is_dir() else p
     if not f.is_file():
         raise CacheError(f"{f}: no head file; was this cache written completely?")
-    return load_file(str(f), device=device or "cpu")
+    tensors = load_file(str(f), device=device or "cpu")
+    with safe_open(str(f), framework="pt") as sf:
+        info = json.loads((sf.metadata() or {}).get("dskd", "{}"))
+    if info.get("tied_embeddings") and EMBED_WEIGHT not in tensors:
+        tensors[EMBED_WEIGHT] = tensors[HEAD_WEIGHT]
+    return tensors

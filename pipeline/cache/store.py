@@ -6,16 +6,31 @@ ones; any differing fingerprint is refused with the field named, unless ``--over
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .manifest import (atomic_write_bytes, fingerprint_diff, hash_file, load_manifest,
-                       new_manifest, save_manifest)
-from .spec import (COMMITS_DIR, HEAD_FILE, LOCKS_DIR, MANIFEST, SHARDS_DIR, TMP_DIR, CacheError,
-                   shard_name)
+from .manifest import (
+    atomic_write_bytes,
+    fingerprint_diff,
+    hash_file,
+    load_manifest,
+    new_manifest,
+    save_manifest,
+)
+from .spec import (
+    COMMITS_DIR,
+    HEAD_FILE,
+    LOCKS_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    TMP_DIR,
+    CacheError,
+    shard_name,
+)
 
 # Everything a cache dir may hold; anything else means the dir is not (only) a cache.
 _OURS = {MANIFEST, HEAD_FILE, SHARDS_DIR, COMMITS_DIR, LOCKS_DIR, TMP_DIR, "config.yaml",
@@ -78,12 +93,15 @@ def start_cache(cache_dir: str | Path, fingerprints: dict[str, Any], teacher: di
 
 
 def write_head(cache_dir: str | Path, tensors: dict[str, torch.Tensor],
-               metadata: dict[str, str]) -> dict[str, Any]:
-    """head.safetensors (atomic) and its manifest entry."""
+               info: dict[str, Any]) -> dict[str, Any]:
+    """head.safetensors (atomic) and its manifest entry. ``info`` (logit scale, tied embeddings)
+    goes into the file's metadata as one JSON string: safetensors writes a multi-key metadata map
+    in hash order, which would make the file's bytes differ from run to run."""
     from safetensors.torch import save
 
     path = Path(cache_dir) / HEAD_FILE
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    meta = {"dskd": json.dumps(info, sort_keys=True)}
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)
     atomic_write_bytes(path, data)
     return {
         "file": HEAD_FILE,

@@ -16,8 +16,17 @@ import zarr
 
 from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden
-from .spec import (EXAMPLE_COLUMNS, EXAMPLES_FILE, HEAD_FILE, HEAD_WEIGHT, SHARDS_DIR,
-                   TOKEN_OFFSETS, CacheError, chunk_rows, token_fields)
+from .spec import (
+    EXAMPLE_COLUMNS,
+    EXAMPLES_FILE,
+    HEAD_FILE,
+    HEAD_WEIGHT,
+    SHARDS_DIR,
+    TOKEN_OFFSETS,
+    CacheError,
+    chunk_rows,
+    token_fields,
+)
 
 _EPS = 1e-5  # log-probs may exceed 0 by float rounding
 
@@ -89,7 +98,7 @@ def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any],
         problems.append(Problem(name, rel, "file not recorded in the manifest"))
     try:
         problems += _check_contents(d, rec, lay)
-    except Exception as e:  # a corrupted file can break any reader; report it, keep going
+    except Exception as e:  # noqa: BLE001 - a corrupt file can break any reader: report, go on
         problems.append(Problem(name, None, f"cannot be read: {type(e).__name__}: {e}"))
     return problems
 

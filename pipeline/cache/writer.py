@@ -20,8 +20,19 @@ import zarr
 from zarr.storage import LocalStore
 
 from .manifest import hash_file, write_commit
-from .spec import (EXAMPLES_FILE, FORMAT_NAME, FORMAT_VERSION, SHARDS_DIR, TMP_DIR, TOKEN_OFFSETS,
-                   TOKEN_OFFSETS_DTYPE, CacheError, chunk_rows, shard_name, token_fields)
+from .spec import (
+    EXAMPLES_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SHARDS_DIR,
+    TMP_DIR,
+    TOKEN_OFFSETS,
+    TOKEN_OFFSETS_DTYPE,
+    CacheError,
+    chunk_rows,
+    shard_name,
+    token_fields,
+)
 
 
 @dataclass

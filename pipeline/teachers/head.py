@@ -205,5 +205,5 @@ def _weight_files(model_dir: Path) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
-            out.update({k: f for k in sf.keys()})
+            out.update(dict.fromkeys(sf.keys(), f))
     return out

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.manifest import finalize
 from dskd.pipeline.cache.quant import codes_to_numpy, encode_hidden
@@ -55,7 +54,7 @@ def build_synthetic_cache(out: Path, n_examples: int = 23, shard_size: int = 5, 
     rows, hiddens = synthetic_rows(n_examples, D, V, hidden_dtype, top_k, seed)
     g = torch.Generator().manual_seed(seed)
     head = {spec.HEAD_WEIGHT: torch.randn(V, D, generator=g)}
-    head_info = write_head(out, head, {"logit_scale": "1.0", "embed_tokens": "tied"})
+    head_info = write_head(out, head, {"logit_scale": 1.0, "tied_embeddings": True})
     ranges = spec.shard_ranges(n_examples, shard_size)
     layout = {"n_examples": n_examples, "shard_size": shard_size, "n_shards": len(ranges),
               "hidden_dtype": hidden_dtype, "hidden_storage": str(spec.HIDDEN_STORAGE[hidden_dtype]),

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from dskd.pipeline.cache.lock import CacheLockedError, WriterLock
 
 
@@ -20,9 +19,9 @@ def test_second_writer_is_refused_then_allowed_after_release(tmp_path):
 
 
 def test_workers_of_one_split_coexist_but_another_split_is_refused(tmp_path):
-    with WriterLock(tmp_path, 0, 2), WriterLock(tmp_path, 1, 2):
-        with pytest.raises(CacheLockedError, match="different split"):
-            WriterLock(tmp_path, 0, 3).acquire()
+    with WriterLock(tmp_path, 0, 2), WriterLock(tmp_path, 1, 2), \
+            pytest.raises(CacheLockedError, match="different split"):
+        WriterLock(tmp_path, 0, 3).acquire()
 
 
 def test_lock_of_a_killed_process_frees_itself(tmp_path):

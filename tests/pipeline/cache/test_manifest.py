@@ -3,11 +3,15 @@
 import json
 
 import pytest
-
 from dskd.pipeline.cache import spec
-from dskd.pipeline.cache.manifest import (finalize, fingerprint_diff, load_commits, load_manifest,
-                                          save_manifest)
-from dskd.pipeline.cache.store import (CacheMismatchError, discard_uncommitted, resumable_manifest)
+from dskd.pipeline.cache.manifest import (
+    finalize,
+    fingerprint_diff,
+    load_commits,
+    load_manifest,
+    save_manifest,
+)
+from dskd.pipeline.cache.store import CacheMismatchError, discard_uncommitted, resumable_manifest
 
 
 def test_fingerprint_diff_names_each_field():

@@ -3,9 +3,13 @@
 import numpy as np
 import pytest
 import torch
-
-from dskd.pipeline.cache.quant import (FP8_TABLE, HiddenRangeError, codes_to_numpy, decode_hidden,
-                                       encode_hidden)
+from dskd.pipeline.cache.quant import (
+    FP8_TABLE,
+    HiddenRangeError,
+    codes_to_numpy,
+    decode_hidden,
+    encode_hidden,
+)
 
 
 def _roundtrip(h: torch.Tensor, dtype: str) -> np.ndarray:

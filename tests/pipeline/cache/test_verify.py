@@ -2,10 +2,15 @@
 
 import numpy as np
 import zarr
-
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.inspect import format_inspect, inspect_cache
-from dskd.pipeline.cache.manifest import hash_file, load_commits, load_manifest, save_manifest, write_commit
+from dskd.pipeline.cache.manifest import (
+    hash_file,
+    load_commits,
+    load_manifest,
+    save_manifest,
+    write_commit,
+)
 from dskd.pipeline.cache.verify import verify_cache
 
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.manifest import load_manifest
 from dskd.pipeline.cache.reader import CacheReader, load_head
@@ -104,3 +103,4 @@ def test_unknown_field_and_head(synthetic_cache):
         CacheReader(out, fields=["logits"])
     head = load_head(out)
     assert head[spec.HEAD_WEIGHT].shape == (50, 16)
+    assert head[spec.EMBED_WEIGHT] is head[spec.HEAD_WEIGHT]  # tied: stored once

@@ -2,10 +2,14 @@
 
 import pytest
 import torch
+from dskd.pipeline.teachers.head import (
+    Head,
+    UnsupportedTeacherError,
+    check_architecture,
+    check_reconstruction,
+    head_step,
+)
 from transformers import CohereConfig, Gemma2Config, LlamaConfig
-
-from dskd.pipeline.teachers.head import (Head, UnsupportedTeacherError, check_architecture,
-                                         check_reconstruction, head_step)
 
 
 def _head(V=97, D=24, bias=True, scale=1.0, seed=0):

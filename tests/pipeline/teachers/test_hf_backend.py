@@ -4,11 +4,17 @@ hidden @ head reproduces the model's own logits (the check the stage runs before
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
-
 from dskd.pipeline.teachers import TeacherBackend
 from dskd.pipeline.teachers.head import UnsupportedTeacherError, head_from_checkpoint
 from dskd.pipeline.teachers.hf_backend import HFTeacher
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 
 def _save(model, path):

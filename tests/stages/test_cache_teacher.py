@@ -1,0 +1,225 @@
+"""cache-teacher on the toy world: what it writes, resume (bit-identical), refusals, locks, workers,
+SIGKILL mid-run and torchrun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from dskd.pipeline.cache import spec
+from dskd.pipeline.cache.lock import CacheLockedError, WriterLock
+from dskd.pipeline.cache.manifest import load_manifest
+from dskd.pipeline.cache.quant import HiddenRangeError
+from dskd.pipeline.cache.reader import CacheReader, load_head
+from dskd.pipeline.cache.store import CacheMismatchError
+from dskd.pipeline.cache.verify import verify_cache
+from dskd.pipeline.data import load_examples
+from dskd.pipeline.teachers.hf_backend import HFTeacher
+from dskd.pipeline.tokenize import tokenize_example
+from dskd.stages import cache_teacher as stage
+from dskd.stages.cache_teacher import CacheTeacherConfig, run
+from transformers import AutoTokenizer
+
+N, SHARD = 15, 4  # 4 shards, the last one short
+
+
+def _cfg(world, out: Path, **kw) -> CacheTeacherConfig:
+    base = {"teacher": str(world.teacher), "data": str(world.train), "out": str(out), "limit": N,
+            "shard_size": SHARD, "top_k": 16, "batch_tokens": 2048, "progress": False}
+    return CacheTeacherConfig(**(base | kw))
+
+
+def tree(d: Path, skip=("config.yaml", spec.LOCKS_DIR)) -> dict[str, bytes]:
+    """Every file of a cache dir (bytes), except the run's own config and locks."""
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and p.relative_to(d).parts[0] not in skip}
+
+
+@pytest.fixture(scope="module")
+def reference(toy_world, tmp_path_factory):
+    """An uninterrupted run: the bytes every other way of writing this cache must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    assert run(_cfg(toy_world, out)) == out
+    return out
+
+
+def test_cache_holds_the_teacher_and_the_texts(reference, toy_world):
+    assert verify_cache(reference) == []
+    m = load_manifest(reference)
+    assert m["complete"] and m["layout"]["n_shards"] == 4 and m["totals"]["n_examples"] == N
+    assert m["head"]["check_max_abs_err"] < 1e-4  # hidden @ head == the model's logits
+    tok = AutoTokenizer.from_pretrained(toy_world.teacher)
+    examples = load_examples(toy_world.train, limit=N)
+    teacher = HFTeacher(toy_world.teacher)
+    head = {k: v for k, v in load_head(reference).items()}
+    assert torch.equal(head[spec.HEAD_WEIGHT], teacher.head().weight)
+    r = CacheReader(reference)
+    cached = list(r)
+    assert [c.example_id for c in cached] == [e.id for e in examples]
+    worst = 0.0
+    for c, e in zip(cached[:6], examples):
+        t = tokenize_example(e, tok)
+        assert (c.prompt, c.response) == (e.prompt, e.response)
+        assert c.input_ids.tolist() == t.input_ids and c.prompt_len == t.prompt_len
+        assert [tuple(o) for o in c.offsets.tolist()] == t.offsets
+        # stored hidden = the teacher's, to fp16 precision
+        h = teacher.hidden_states([t.input_ids[:-1]])[0]
+        torch.testing.assert_close(torch.from_numpy(c.hidden), h, rtol=1e-3, atol=1e-3)
+        # the sparse fields agree with the full distribution rebuilt from the cached hidden @ head
+        logp = teacher.head().logits(torch.from_numpy(c.hidden)).log_softmax(-1)  # (n-1, V)
+        ref_lp, _ = logp.topk(16, dim=-1)
+        worst = max(worst, (ref_lp - torch.from_numpy(c.topk_logprobs)).abs().max().item())
+        nxt = logp.gather(1, torch.tensor(c.input_ids[1:].tolist())[:, None])[:, 0]
+        torch.testing.assert_close(torch.from_numpy(c.next_logprob), nxt, rtol=0, atol=5e-3)
+        mass = np.exp(c.topk_logprobs).sum(1) + np.exp(c.tail_logprob)
+        np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+    assert worst < 5e-3, worst
+
+
+def test_rerun_is_a_noop_mismatch_is_refused_overwrite_restarts(reference, toy_world, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(reference, out)
+    before = tree(out)
+    run(_cfg(toy_world, out))
+    assert tree(out) == before
+    with pytest.raises(CacheMismatchError, match=r"top_k: cache has 16, this run has 8.*--overwrite"):
+        run(_cfg(toy_world, out, top_k=8))
+    with pytest.raises(CacheMismatchError, match="n_examples: cache has 15, this run has 12"):
+        run(_cfg(toy_world, out, limit=12))
+    assert tree(out) == before  # refusals touch nothing
+    run(_cfg(toy_world, out, top_k=8, overwrite=True))
+    assert load_manifest(out)["layout"]["top_k"] == 8 and verify_cache(out) == []
+
+
+def test_lock_refuses_a_second_writer(toy_world, tmp_path):
+    out = tmp_path / "c"
+    with WriterLock(out), pytest.raises(CacheLockedError, match="already being written"):
+        run(_cfg(toy_world, out))
+
+
+def test_interrupted_then_resumed_is_bit_identical(reference, toy_world, tmp_path, monkeypatch):
+    """In-process version of the SIGKILL test: die while shard 2 is being written."""
+    out = tmp_path / "c"
+    real = stage._commit
+
+    def dying(writer, stats):
+        if writer.index == 2:
+            tmp = out / spec.TMP_DIR / "shard-00002.999"
+            (tmp / "hidden").mkdir(parents=True)  # half-written leftovers
+            (tmp / "hidden" / "zarr.json").write_text("{")
+            raise KeyboardInterrupt
+        real(writer, stats)
+
+    monkeypatch.setattr(stage, "_commit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(toy_world, out))
+    assert not load_manifest(out)["complete"]
+    assert sorted(p.name for p in (out / spec.COMMITS_DIR).iterdir()) == [
+        "shard-00000.json", "shard-00001.json"]
+    monkeypatch.setattr(stage, "_commit", real)
+    run(_cfg(toy_world, out))
+    assert tree(out) == tree(reference)
+
+
+def test_job_array_workers_build_the_same_cache(reference, toy_world, tmp_path):
+    out = tmp_path / "c"
+    final, _ = stage.cache_teacher(_cfg(toy_world, out, num_workers=2, worker_index=1), _env())
+    assert final is None  # shards 0 and 2 are still missing; worker 1 cannot finalize
+    final, stats = stage.cache_teacher(_cfg(toy_world, out, num_workers=2, worker_index=0), _env())
+    assert final["complete"] and stats.shards == 2
+    assert tree(out) == tree(reference)
+
+
+def test_fp16_overflow_stops_before_any_shard_is_committed(toy_world, tmp_path, monkeypatch):
+    real = stage.encode_hidden
+    monkeypatch.setattr(stage, "encode_hidden", lambda h, d: real(h * 1e6, d))
+    with pytest.raises(HiddenRangeError, match="bf16"):
+        run(_cfg(toy_world, tmp_path / "c"))
+    assert not (tmp_path / "c" / spec.COMMITS_DIR).exists()
+
+
+def test_config_errors_are_listed_before_anything_loads(tmp_path):
+    bad = CacheTeacherConfig(teacher=str(tmp_path), data="x", out="", top_k=-1, worker_index=3,
+                             num_workers=2)
+    with pytest.raises(ValueError) as e:
+        run(bad)
+    msg = str(e.value)
+    for part in ("--out is required", "no config.json", "--top-k -1", "--worker-index 3"):
+        assert part in msg
+
+
+def _env():
+    from dskd.pipeline.train.distributed import DistEnv
+
+    return DistEnv()
+
+
+# --------------------------------------------------------------------------- subprocess tests
+
+_SCRIPT = """
+import sys
+from dskd.stages.cache_teacher import CacheTeacherConfig, run
+run(CacheTeacherConfig(teacher={teacher!r}, data={data!r}, out=sys.argv[1], limit={n},
+                       shard_size=2, top_k=16, batch_tokens=2048, progress=False))
+"""
+
+
+def _script(world, tmp_path: Path, n: int) -> Path:
+    p = tmp_path / "run_cache.py"
+    p.write_text(_SCRIPT.format(teacher=str(world.teacher), data=str(world.train), n=n))
+    return p
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1")
+    return env
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_is_bit_identical(toy_world, tmp_path):
+    script, env = _script(toy_world, tmp_path, 60), _subprocess_env()
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([sys.executable, str(script), str(ref)], env=env, check=True)
+    p = subprocess.Popen([sys.executable, str(script), str(out)], env=env)
+    deadline = time.time() + 300
+    # kill once a few shards are committed: the next one is mid-forward or mid-write
+    while time.time() < deadline and p.poll() is None:
+        if len(list((out / spec.COMMITS_DIR).glob("*.json"))) >= 4:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be killed; make it longer"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not load_manifest(out)["complete"]
+    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
+    assert verify_cache(out) == []
+    assert tree(out) == tree(ref)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_writes_the_same_examples_as_one(toy_world, tmp_path):
+    script, env = _script(toy_world, tmp_path, 20), _subprocess_env()
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(script), str(one)], env=env, check=True)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), str(two)],
+                   env=env, check=True)
+    assert verify_cache(two) == []
+    a, b = list(CacheReader(one)), list(CacheReader(two))
+    assert [x.example_id for x in a] == [x.example_id for x in b]
+    for x, y in zip(a, b):
+        assert np.array_equal(x.input_ids, y.input_ids) and x.prompt == y.prompt
+        for f in ("hidden", "topk_logprobs", "lse", "next_logprob"):
+            np.testing.assert_allclose(getattr(x, f), getattr(y, f), rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(x.topk_ids[:, :4], y.topk_ids[:, :4])
+    # same threads, same batches: even the bytes agree
+    assert tree(one) == tree(two)
