@@ -11,6 +11,7 @@ report.md and PNGs, config.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -317,48 +318,8 @@ def run(cfg: EvalConfig) -> Path:
         models_info[mname] = {"path": str(mdir), "fingerprint": model_fingerprint(mdir),
                               "metrics_jsonl": str(run_metrics) if run_metrics else None}
 
-    texts: dict[tuple[str, str, int], list[str]] = {}
-    fidelity: dict[str, Any] | None = {} if cfg.cache else None
-    example_sets: dict[str, dict[str, list[Example]]] = {}
-    total = len(model_dirs) * len(seeds) * (sum(len(v) for v in sets.values()) if sets else 0)
-    with _progress() as progress:
-        task = progress.add_task("generating", total=total or None)
-        for mname, mdir in zip(mnames, model_dirs):
-            generator = None
-            if cfg.template == "chat":
-                from transformers import AutoTokenizer
-
-                tok = AutoTokenizer.from_pretrained(str(mdir))
-                sets = {n: load_eval_set(d, cfg, out, tok) for n, d in zip(names, cfg.data)}
-                progress.update(task, total=len(model_dirs) * len(seeds)
-                                * sum(len(v) for v in sets.values()))
-            example_sets[mname] = sets
-            for sname, examples in sets.items():
-                ids = [e.id for e in examples]
-                for seed in seeds:
-                    key = {"model": models_info[mname]["fingerprint"]["sha256"], "set": sname,
-                           "set_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
-                           "prompts": hashlib.sha256("\n".join(e.prompt for e in examples)
-                                                     .encode()).hexdigest(),
-                           "seed": seed, "protocol": protocol}
-                    part = _part_path(out, key)
-                    got = _read_part(part, ids)
-                    progress.update(task, description=f"{mname} · {sname} · seed {seed}")
-                    if got is None:
-                        if generator is None:
-                            generator = _Generator(mdir, cfg)
-                        got = generator(examples, seed, lambda n: progress.advance(task, n))
-                        atomic_write_text(part, "".join(
-                            json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
-                            for i, t in zip(ids, got)))
-                    else:
-                        progress.advance(task, len(ids))
-                    texts[(mname, sname, seed)] = got
-            if cfg.cache:
-                progress.update(task, description=f"{mname} · fidelity on {Path(cfg.cache).name}")
-                fidelity[mname] = cache_fidelity(cfg, mdir, generator)
-            if generator is not None:
-                generator.close()
+    texts, example_sets, fidelity = generate_all(cfg, out, sets, dict(zip(mnames, model_dirs)),
+                                                 models_info, seeds, protocol)
 
     # generations.jsonl: every text, in (model, set, seed, example) order
     lines = []
@@ -373,7 +334,7 @@ def run(cfg: EvalConfig) -> Path:
     results = {
         "format": "dskd-eval/1",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "config": {k.replace("-", "_"): v for k, v in _config_dict(cfg).items()},
+        "config": dataclasses.asdict(cfg),
         "protocol": protocol,
         "models": models_info,
         "eval_sets": {n: {"path": d, "sha256": _file_sha(d),
@@ -388,6 +349,60 @@ def run(cfg: EvalConfig) -> Path:
     report_mod.write_report(results, out)
     _print_summary(scores, names)
     return out / report_mod.RESULTS_FILE
+
+
+def generate_all(cfg: EvalConfig, out: Path, sets: dict[str, list[Example]],
+                 models: dict[str, Path], models_info: dict[str, Any], seeds: list[int],
+                 protocol: dict[str, Any]) -> tuple[dict, dict, dict | None]:
+    """Every (model, set, seed) generation (finished parts reused), plus fidelity per model.
+
+    Returns texts[(model, set, seed)] = [text per example], example_sets[model][set] and the
+    fidelity dict (None without --cache). A model is loaded only if something is left to do.
+    """
+    names = set_names(cfg)
+    part_protocol = {k: v for k, v in protocol.items() if k != "seeds"}  # adding a seed keeps parts
+    texts: dict[tuple[str, str, int], list[str]] = {}
+    example_sets: dict[str, dict[str, list[Example]]] = {}
+    fidelity: dict[str, Any] | None = {} if cfg.cache else None
+    total = len(models) * len(seeds) * sum(len(v) for v in sets.values())
+    with _progress() as progress:
+        task = progress.add_task("generating", total=total or None)
+        for mname, mdir in models.items():
+            generator = None
+            if cfg.template == "chat":  # the prompt text depends on each model's chat template
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(mdir))
+                sets = {n: load_eval_set(d, cfg, out, tok) for n, d in zip(names, cfg.data)}
+                progress.update(task, total=len(models) * len(seeds)
+                                * sum(len(v) for v in sets.values()))
+            example_sets[mname] = sets
+            for sname, examples in sets.items():
+                ids = [e.id for e in examples]
+                for seed in seeds:
+                    key = {"model": models_info[mname]["fingerprint"]["sha256"], "set": sname,
+                           "set_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+                           "prompts": hashlib.sha256("\n".join(e.prompt for e in examples)
+                                                     .encode()).hexdigest(),
+                           "seed": seed, "protocol": part_protocol}
+                    part = _part_path(out, key)
+                    got = _read_part(part, ids)
+                    progress.update(task, description=f"{mname} · {sname} · seed {seed}")
+                    if got is None:
+                        generator = generator or _Generator(mdir, cfg)
+                        got = generator(examples, seed, lambda n: progress.advance(task, n))
+                        atomic_write_text(part, "".join(
+                            json.dumps({"id": i, "text": t}, ensure_ascii=False) + "\n"
+                            for i, t in zip(ids, got)))
+                    else:
+                        progress.advance(task, len(ids))
+                    texts[(mname, sname, seed)] = got
+            if fidelity is not None:
+                progress.update(task, description=f"{mname} · fidelity on {Path(cfg.cache).name}")
+                fidelity[mname] = cache_fidelity(cfg, mdir, generator)
+            if generator is not None:
+                generator.close()
+    return texts, example_sets, fidelity
 
 
 def cache_fidelity(cfg: EvalConfig, model_dir: Path, generator: _Generator | None) -> dict:
@@ -426,12 +441,6 @@ def score_all(texts: dict[tuple[str, str, int], list[str]],
                 for m in report_mod.METRIC_TITLES}
         scores[mname] = row
     return scores
-
-
-def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
-    from dskd.pipeline.config import to_dict
-
-    return to_dict(cfg)
 
 
 def _version(dist: str) -> str | None:

@@ -144,6 +144,24 @@ def test_rerun_reuses_finished_parts(evaluated, toy_world, monkeypatch):
     assert (evaluated / "generations.jsonl").read_bytes() == before
 
 
+def test_adding_a_seed_generates_only_that_seed(toy_world, tmp_path, monkeypatch):
+    out = tmp_path / "grow"
+    cfg = _cfg(toy_world, out, model=[str(toy_world.student)], data=[str(toy_world.valid)],
+               seeds=[10], limit=2, max_new_tokens=4)
+    ev.run(cfg)
+    calls = []
+
+    class Counting(ev._Generator):
+        def __call__(self, examples, seed, on_batch):
+            calls.append(seed)
+            return super().__call__(examples, seed, on_batch)
+
+    monkeypatch.setattr(ev, "_Generator", Counting)
+    ev.run(replace(cfg, seeds=[10, 30]))
+    assert calls == [30]
+    assert {g["seed"] for g in _gens(out)} == {10, 30}
+
+
 def test_same_seed_same_generations_any_batch_size(evaluated, toy_world, tmp_path):
     out = tmp_path / "again"
     ev.run(_cfg(toy_world, out, model=[str(toy_world.student)], data=[str(toy_world.valid)],
