@@ -96,6 +96,14 @@ class VLLMTeacher:
         self.model_dir = model_dir
         self.device = torch.device(
             head_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and (self.device.index or 0) > 0:
+            # vLLM always starts on the first visible GPU(s); a head on cuda:N would sit on
+            # another GPU than the engine (what a torchrun rank N > 0 would ask for).
+            raise ValueError(
+                f"the vLLM backend runs on the first visible GPU, not {self.device}: run one "
+                "process per GPU with CUDA_VISIBLE_DEVICES=i and --num-workers/--worker-index "
+                "instead of torchrun (or use tensor parallelism within one process)"
+            )
         # Before the (slow) engine start: refuse architectures whose logits the cache can't rebuild.
         check_architecture(AutoConfig.from_pretrained(model_dir))
         self._llm = LLM(

@@ -37,6 +37,11 @@ def test_vllm_cache_matches_transformers_cache(toy_world, tmp_path):
     assert vl.manifest["teacher"]["backend"] == "vllm"
     assert hf.manifest["teacher"]["backend"] == "transformers"
     assert len(hf) == len(vl) == LIMIT
+    # Same head bytes (vLLM's read from the checkpoint, HF's from the loaded model); only the
+    # transformers backend can prove hidden @ head == its own logits.
+    assert vl.manifest["head"]["sha256"] == hf.manifest["head"]["sha256"]
+    assert vl.manifest["head"]["check_max_abs_err"] is None
+    assert hf.manifest["head"]["check_max_abs_err"] is not None
     worst = {"hidden": 0.0, "lse": 0.0, "topk_logprobs": 0.0, "next_logprob": 0.0}
     ids_same = ids_total = 0
     for a, b in zip(hf, vl, strict=True):

@@ -158,6 +158,8 @@ def test_bad_sequences_get_clear_errors(teacher):
     with pytest.raises(ValueError, match="sequence 0 has 257 tokens.*max_model_len 256"):
         vt.hidden_states([[5] * 257])
     assert vt.hidden_states([]) == []
+    with pytest.raises(ValueError, match="first visible GPU"):  # before any engine starts
+        VLLMTeacher(vt.model_dir, head_device="cuda:1")
 
 
 def test_model_dir_without_config_is_rejected(tmp_path):
