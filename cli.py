@@ -34,6 +34,8 @@ STAGES = {
                 "Train a student from the cache (or online / SFT) (stage 2)."),
     "eval": ("dskd.stages.evaluate", "EvalConfig",
              "Generate with models and score them the paper's way (stage 3)."),
+    "report": ("dskd.stages.report", "ReportConfig",
+               "Put several eval outputs side by side in one table and plot."),
     "quickstart": ("dskd.stages.quickstart", "QuickstartConfig",
                    "The whole pipeline on a generated toy world, on a laptop CPU."),
 }
@@ -86,6 +88,8 @@ def make_command(cls: type, run: Any):
                                                      help="YAML file whose keys are these flag names; flags override it."))]
     for f in dataclasses.fields(cls):
         annot, opt = _option_for(f.name, hints[f.name], _default(f), f.metadata.get("help", ""))
+        if f.metadata.get("positional"):  # e.g. `dskd report RUN_DIR...`; still a config-file key
+            opt = typer.Argument(None, help=f.metadata.get("help", ""), show_default=False)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annot, default=opt))
 
     def callback(**kwargs: Any) -> None:
