@@ -397,7 +397,8 @@ class MinEDLoss(DistillLoss):
         return build
 
     def _sparse_builder(self, teacher: TeacherSignal, v_s: int):
-        """Top-k teacher ids carried into the student vocabulary (unmapped ones dropped)."""
+        """Top-k teacher ids carried into the student vocabulary (unmapped ones dropped, the
+        rest renormalised). With k = V_t and sparse_tail='bucket' this equals the dense path."""
         sp = teacher.sparse_target()
         ids_flat = sp.ids.reshape(-1, sp.ids.shape[-1])
         lp_flat = sp.logprobs.reshape(-1, sp.logprobs.shape[-1]).float()
@@ -417,6 +418,9 @@ class MinEDLoss(DistillLoss):
             hot_lp[:, 0] = 0.0
             s_ids = torch.where(aligned[:, None], torch.where(keep, s_ids, 0), hot_ids)
             lp = torch.where(aligned[:, None], lp, hot_lp)
-            return SparseTarget(s_ids, lp, v_s)
+            # like the official -1e5 logits, teacher mass never lands outside the mapped ids:
+            # tail 0 (bucket: the student's mass there is still penalised, as in the dense path)
+            no_tail = torch.full((lp.shape[0],), -torch.inf, device=lp.device)
+            return SparseTarget(s_ids, lp, v_s, no_tail)
 
         return build

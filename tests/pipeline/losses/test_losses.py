@@ -1,0 +1,174 @@
+"""Registry, options and the methods' behaviour beyond the golden files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dskd.pipeline.losses import METHODS, StudentBatch, TeacherSignal, build_loss
+from dskd.pipeline.losses.divergences import OFFICIAL_NAMES
+
+B, T, V, DS, DT = 2, 6, 37, 8, 12
+
+
+def _batch(seed: int = 0, v_t: int = V, t_t: int = T):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :2] = -100
+    labels[1, -1] = -100
+    t_labels = labels.clone() if (v_t == V and t_t == T) else torch.randint(0, v_t, (B, t_t), generator=g)
+    if t_labels is not labels:
+        t_labels[:, :3] = -100
+    hs = torch.randn(B, T, DS, generator=g)
+    ws = torch.randn(V, DS, generator=g)
+    ht = torch.randn(B, t_t, DT, generator=g) * 2
+    wt = torch.randn(v_t, DT, generator=g)
+    student = StudentBatch(labels=labels, logits=hs @ ws.T, hidden=hs, lm_head_weight=ws,
+                           input_ids=torch.randint(0, V, (B, T), generator=g),
+                           embed_weight=torch.randn(V, DS, generator=g))
+    teacher = TeacherSignal(labels=t_labels, hidden=ht, head_weight=wt,
+                            input_ids=torch.randint(0, v_t, (B, t_t), generator=g),
+                            embed_weight=torch.randn(v_t, DT, generator=g))
+    return student, teacher
+
+
+def test_every_method_and_divergence_builds_and_runs():
+    student, teacher = _batch()
+    for method in ("sft", "kd", "dskd", "dskd-cma", "uld"):
+        for div in OFFICIAL_NAMES:
+            loss = build_loss(method, div, d_student=DS, d_teacher=DT)
+            out = loss(student, teacher)
+            assert torch.isfinite(out.loss), (method, div)
+            assert {"ce_loss", "loss_sum"} <= set(out.terms)
+            n = student.mask.sum()
+            torch.testing.assert_close(out.loss, out.terms["loss_sum"] / n)
+    assert set(METHODS) == {"sft", "kd", "dskd", "dskd-cma", "uld", "mined"}
+
+
+def test_bad_names_and_options_fail_clearly():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_loss("dskdv2")
+    with pytest.raises(ValueError, match="unknown divergence"):
+        build_loss("kd", "kl")
+    with pytest.raises(ValueError, match="unknown loss option"):
+        build_loss("kd", kd_temp=2.0)
+    with pytest.raises(ValueError, match="d_student"):
+        build_loss("dskd")
+    with pytest.raises(ValueError, match="tokenizer"):
+        build_loss("mined")
+
+
+def test_official_defaults_and_needs():
+    loss = build_loss("dskd", "rkl", d_student=DS, d_teacher=DT)
+    assert loss.teacher_divergence == "fkl" and loss.divergence == "rkl"
+    assert loss.opts.temperature == 2.0 and loss.kd_rate == 0.5
+    assert {n for n, _ in loss.named_parameters()} == {
+        "s2t.weight", "s2t.bias", "t2s.weight", "t2s.bias", "query.weight", "query.bias"}
+    assert loss.needs_teacher_hidden and loss.needs_same_vocab
+    cma = build_loss("dskd-cma", d_student=DS, d_teacher=DT)
+    assert cma.accuracy_filter and cma.needs_teacher_embeddings and not cma.needs_same_vocab
+    assert not build_loss("sft").needs_teacher
+
+
+def test_teacher_space_divergence_option():
+    student, teacher = _batch(1)
+    official = build_loss("dskd", "rkl", d_student=DS, d_teacher=DT)
+    paper = build_loss("dskd", "rkl", d_student=DS, d_teacher=DT, teacher_space_divergence="same")
+    paper.load_state_dict(official.state_dict())
+    fkl = build_loss("dskd", "fkl", d_student=DS, d_teacher=DT)
+    fkl.load_state_dict(official.state_dict())
+    a, b, c = official(student, teacher), paper(student, teacher), fkl(student, teacher)
+    torch.testing.assert_close(a.terms["s2t_kd_loss"], c.terms["s2t_kd_loss"])
+    assert not torch.allclose(a.terms["s2t_kd_loss"], b.terms["s2t_kd_loss"])
+    torch.testing.assert_close(a.terms["t2s_kd_loss"], b.terms["t2s_kd_loss"])
+
+
+def test_cma_accuracy_filter_option_and_different_vocab():
+    student, teacher = _batch(2, v_t=53, t_t=9)
+    on = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT)
+    off = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT, cma_accuracy_filter=False)
+    off.load_state_dict(on.state_dict())
+    a, b = on(student, teacher), off(student, teacher)
+    assert a.terms["t2s_acc"] < student.mask.sum()  # random projectors: filter drops tokens
+    assert b.terms["t2s_kd_loss"] > a.terms["t2s_kd_loss"]
+    torch.testing.assert_close(a.terms["s2t_kd_loss"], b.terms["s2t_kd_loss"])
+
+
+def test_dense_teacher_from_hidden_equals_given_logits_and_chunking():
+    student, teacher = _batch(3)
+    given = TeacherSignal(labels=teacher.labels, logits=teacher.hidden @ teacher.head_weight.T,
+                          hidden=teacher.hidden, head_weight=teacher.head_weight)
+    for method in ("kd", "dskd"):
+        one = build_loss(method, "akl", d_student=DS, d_teacher=DT)
+        two = build_loss(method, "akl", d_student=DS, d_teacher=DT, chunk_rows=3)
+        two.load_state_dict(one.state_dict())
+        a, b = one(student, teacher), two(student, given)
+        for k in a.terms:
+            torch.testing.assert_close(a.terms[k].float(), b.terms[k].float(), rtol=1e-5, atol=1e-6)
+
+
+def test_student_logits_from_hidden_match_given_logits():
+    student, teacher = _batch(4)
+    lazy = StudentBatch(labels=student.labels, hidden=student.hidden,
+                        lm_head_weight=student.lm_head_weight)
+    loss = build_loss("dskd", d_student=DS, d_teacher=DT)
+    torch.testing.assert_close(loss(lazy, teacher).loss, loss(student, teacher).loss)
+
+
+def test_kd_from_sparse_cache_fields():
+    """kd on the top-k cache: k = V reproduces dense KD; small k stays close and finite."""
+    student, teacher = _batch(5)
+    zt = teacher.hidden @ teacher.head_weight.T
+    lp = torch.log_softmax(zt, -1)
+    dense = build_loss("kd", "fkl", teacher_target="dense")(student, teacher)
+    for k, tail in [(V, "bucket"), (V, "renorm"), (8, "bucket"), (8, "renorm")]:
+        top = lp.topk(k, -1)
+        tail_lp = torch.logsumexp(lp.scatter(-1, top.indices, float("-inf")), -1)
+        sparse = TeacherSignal(labels=teacher.labels, topk_ids=top.indices.int(),
+                               topk_logprobs=top.values, tail_logprob=tail_lp, vocab_size=V)
+        out = build_loss("kd", "fkl", sparse_tail=tail)(student, sparse)
+        assert torch.isfinite(out.loss)
+        if k == V:
+            torch.testing.assert_close(out.terms["kd_loss"], dense.terms["kd_loss"], rtol=1e-4, atol=1e-5)
+
+
+def test_pinv_projector_init():
+    g = torch.Generator().manual_seed(0)
+    ws, wt = torch.randn(V, DS, generator=g), torch.randn(V, DT, generator=g)
+    # a teacher head that the student head can express exactly: W_t = W_s @ M
+    wt_exact = ws @ torch.randn(DS, DT, generator=g)
+    loss = build_loss("dskd", d_student=DS, d_teacher=DT, projector_init="pinv",
+                      student_head_weight=ws, teacher_head_weight=wt_exact)
+    ht = torch.randn(5, DT, generator=g)
+    torch.testing.assert_close(loss.t2s(ht) @ ws.T, ht @ wt_exact.T, rtol=1e-3, atol=1e-3)
+    # in general it is the least-squares solution: residual orthogonal to W_s's columns
+    loss = build_loss("dskd", d_student=DS, d_teacher=DT, projector_init="pinv",
+                      student_head_weight=ws, teacher_head_weight=wt)
+    resid = ws @ loss.t2s.weight - wt
+    assert (ws.T @ resid).abs().max() < 1e-3
+    assert loss.t2s.bias.abs().max() == 0
+    with pytest.raises(ValueError, match="same vocabulary"):
+        build_loss("dskd-cma", d_student=DS, d_teacher=DT, projector_init="pinv",
+                   student_head_weight=ws, teacher_head_weight=wt)
+
+
+def test_batch_denom_and_kd_rate():
+    student, teacher = _batch(6)
+    loss = build_loss("kd", "js", kd_rate=0.3)
+    out = loss(student, teacher, batch_denom=4.0)
+    t = out.terms
+    torch.testing.assert_close(out.loss, (0.7 * t["ce_loss"] + 0.3 * t["kd_loss"]) / 4.0)
+    sft = build_loss("sft")(student, None)
+    torch.testing.assert_close(sft.loss, sft.terms["ce_loss"] / student.mask.sum())
+
+
+def test_projector_gradients_flow_only_where_official():
+    student, teacher = _batch(7)
+    loss = build_loss("dskd", d_student=DS, d_teacher=DT)
+    hs = student.hidden.clone().requires_grad_()
+    ws = student.lm_head_weight.clone().requires_grad_()
+    s = StudentBatch(labels=student.labels, logits=hs @ ws.T, hidden=hs, lm_head_weight=ws)
+    loss(s, teacher).loss.backward()
+    assert loss.t2s.weight.grad is not None and loss.s2t.weight.grad is not None
+    assert loss.query.weight.grad is None
+    assert teacher.hidden.grad is None
