@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from dskd.pipeline.data import DSKD_TEMPLATE, DSKD_TEMPLATE_WITH_INPUT
 from dskd.pipeline.toyworld.models import ModelSpec, build_model
 from dskd.pipeline.toyworld.tasks import make_splits, toy_examples
 from dskd.pipeline.toyworld.vocab import train_tokenizer
@@ -43,9 +44,12 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 FORMAT = "dskd-toyworld"
-VERSION = 1  # bump when generated content changes, so old worlds get rebuilt
+VERSION = 2  # bump when generated content changes, so old worlds get rebuilt
 MANIFEST = "toyworld.json"
 TOKENIZER_CORPUS_EXAMPLES = 2000
+TEMPLATE_TEXTS = [DSKD_TEMPLATE.format(instruction=""),
+                  DSKD_TEMPLATE_WITH_INPUT.format(instruction="", input="")]
+TEMPLATE_REPEATS = 300
 MAX_POSITIONS = 512
 
 
@@ -178,6 +182,9 @@ def _build_into(tmp: Path, seed: int, preset_name: str) -> None:
         info["splits"][name] = {"path": f"data/{name}.jsonl", "rows": len(rows)}
 
     corpus = [_corpus_text(r) for r in toy_examples(TOKENIZER_CORPUS_EXAMPLES, seed)]
+    # Real tokenizers know the words of the prompt template; without this the toy ones split the
+    # DSKD template into ~90 pieces, 5x the example itself, and training time goes to boilerplate.
+    corpus += TEMPLATE_TEXTS * TEMPLATE_REPEATS
     info["tokenizers"] = {}
     for family, vocab_size in preset.vocab.items():
         out = tmp / "tokenizers" / family
