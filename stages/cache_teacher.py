@@ -82,7 +82,8 @@ class RunStats:
     tokens: int = 0
     shards: int = 0
     bytes: int = 0
-    wall_s: float = 0.0
+    total_s: float = 0.0  # the whole stage: data, tokenizer, teacher load, head check, shards
+    wall_s: float = 0.0  # the shard loop
     forward_s: float = 0.0  # backend hidden states
     head_s: float = 0.0  # head step + encode + copy to host
     write_s: float = 0.0  # shard commits, in the writer thread
@@ -124,9 +125,11 @@ def run(cfg: CacheTeacherConfig) -> Path:
     return Path(cfg.out)
 
 
-def cache_teacher(cfg: CacheTeacherConfig, env: Any) -> tuple[dict | None, RunStats]:
+def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | None = None
+                  ) -> tuple[dict | None, RunStats]:
     """The stage body; returns (the final manifest or None if other workers are still writing,
-    this worker's stats)."""
+    this worker's stats). ``backend``: an already loaded teacher to reuse (benchmarks)."""
+    t_start = time.perf_counter()
     console = Console(stderr=True, quiet=not cfg.progress)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -163,7 +166,8 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any) -> tuple[dict | None, RunSt
             save_config(cfg, out)
             bad.write_report(out)
 
-        backend = load_backend(cfg, env.device)
+        own_backend = backend is None
+        backend = backend or load_backend(cfg, env.device)
         head = backend.head()
         stats = RunStats()
         if manifest is None and env.rank == 0:
@@ -182,10 +186,12 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any) -> tuple[dict | None, RunSt
                           "already committed")
         _write_shards(out, cfg, backend, head, kept, ranges, todo,
                       ShardLayout.from_manifest(manifest), stats, console, slot, n_slots)
-        backend.close()
+        if own_backend:
+            backend.close()
 
     barrier()
     final = finalize(out) if env.rank == 0 else None
+    stats.total_s = time.perf_counter() - t_start
     if env.rank == 0:
         if final is None:
             missing = manifest["layout"]["n_shards"] - len(load_commits(out))

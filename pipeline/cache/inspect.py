@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import committed_shards, load_manifest, shard_totals
-from .spec import HIDDEN_STORAGE, TOKEN_OFFSETS, TOKEN_OFFSETS_DTYPE, token_fields
+from .spec import CHECKSUM, HIDDEN_STORAGE, TOKEN_OFFSETS, TOKEN_OFFSETS_DTYPE, token_fields
 
 
 def inspect_cache(path: str | Path) -> dict[str, Any]:
@@ -36,7 +36,7 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
         "dtypes": dtypes,
         "bytes": totals["bytes"],
         "bytes_per_token": totals["bytes_per_token"],
-        "head": {k: v for k, v in m["head"].items() if k != "sha256"},
+        "head": {k: v for k, v in m["head"].items() if k != CHECKSUM},
         "fingerprints": m["fingerprints"],
     }
 

@@ -9,15 +9,16 @@ run ends with the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # a zarr dependency (its shard-index checksum)
+import numpy as np
+
 from .spec import (
-    CHECKSUM,
     COMMITS_DIR,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -46,12 +47,26 @@ def dump_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def hash_file(path: Path, algo: str = CHECKSUM) -> str:
-    h = hashlib.new(algo)
+def checksum_update(crc: int, data: Any) -> int:
+    """Extend a running CRC-32C with a bytes-like object or a contiguous numpy array."""
+    if isinstance(data, np.ndarray):
+        data = data.reshape(-1).view(np.uint8)
+    elif not isinstance(data, bytes):
+        data = np.frombuffer(data, dtype=np.uint8)
+    return google_crc32c.extend(crc, data)
+
+
+def checksum_hex(crc: int) -> str:
+    return f"{crc:08x}"
+
+
+def hash_file(path: Path) -> str:
+    """The file's CHECKSUM (spec.CHECKSUM) as hex."""
+    crc = 0
     with open(path, "rb") as f:
         while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
+            crc = checksum_update(crc, block)
+    return checksum_hex(crc)
 
 
 # --------------------------------------------------------------------------- manifest

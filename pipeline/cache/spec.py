@@ -30,7 +30,9 @@ LOCKS_DIR = "locks"
 TMP_DIR = "tmp"
 EXAMPLES_FILE = "examples.arrow"
 
-CHECKSUM = "sha256"
+# Per-file checksum: CRC-32C (Castagnoli), hardware-accelerated and the one Zarr's shard index
+# uses; it detects corruption and truncation (not tampering). Recorded as 8 lowercase hex digits.
+CHECKSUM = "crc32c"
 
 
 class CacheError(ValueError):

@@ -22,6 +22,7 @@ from .manifest import (
     save_manifest,
 )
 from .spec import (
+    CHECKSUM,
     COMMITS_DIR,
     HEAD_FILE,
     LOCKS_DIR,
@@ -106,7 +107,7 @@ def write_head(cache_dir: str | Path, tensors: dict[str, torch.Tensor],
     return {
         "file": HEAD_FILE,
         "bytes": len(data),
-        "sha256": hash_file(path),
+        CHECKSUM: hash_file(path),
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                     for k, v in tensors.items()},
     }

@@ -17,6 +17,7 @@ import zarr
 from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden
 from .spec import (
+    CHECKSUM,
     EXAMPLE_COLUMNS,
     EXAMPLES_FILE,
     HEAD_FILE,
@@ -67,8 +68,8 @@ def _check_head(path: Path, m: dict[str, Any], checksums: bool) -> list[Problem]
         return [Problem(None, HEAD_FILE, "missing")]
     if f.stat().st_size != m["head"]["bytes"]:
         return [Problem(None, HEAD_FILE, f"size {f.stat().st_size}, manifest says {m['head']['bytes']}")]
-    if checksums and hash_file(f) != m["head"]["sha256"]:
-        return [Problem(None, HEAD_FILE, "sha256 mismatch (file corrupted or replaced)")]
+    if checksums and hash_file(f) != m["head"][CHECKSUM]:
+        return [Problem(None, HEAD_FILE, f"{CHECKSUM} mismatch (file corrupted or replaced)")]
     from safetensors import safe_open
 
     with safe_open(str(f), framework="np") as sf:
@@ -92,8 +93,8 @@ def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any],
         elif f.stat().st_size != info["bytes"]:
             problems.append(Problem(name, rel, f"size {f.stat().st_size} bytes, manifest says "
                                     f"{info['bytes']} (truncated or overwritten)"))
-        elif checksums and hash_file(f) != info["sha256"]:
-            problems.append(Problem(name, rel, "sha256 mismatch (file corrupted)"))
+        elif checksums and hash_file(f) != info[CHECKSUM]:
+            problems.append(Problem(name, rel, f"{CHECKSUM} mismatch (file corrupted)"))
     for rel in sorted(on_disk - set(rec["files"])):
         problems.append(Problem(name, rel, "file not recorded in the manifest"))
     try:

@@ -36,7 +36,7 @@ def test_flipped_byte_and_truncation_name_their_shards(synthetic_cache):
     assert ("shard-00001", "hidden/c/0/0") in where
     assert ("shard-00003", spec.EXAMPLES_FILE) in where
     assert {p.shard for p in problems} == {"shard-00001", "shard-00003"}
-    assert any("sha256 mismatch" in str(p) for p in problems)
+    assert any("crc32c mismatch" in str(p) for p in problems)
     assert any("truncated" in str(p) for p in problems)
 
 
@@ -48,7 +48,7 @@ def test_missing_shard_and_head_corruption(synthetic_cache):
     (out / spec.HEAD_FILE).write_bytes((out / spec.HEAD_FILE).read_bytes()[:-4] + b"\0\0\0\0")
     text = [str(p) for p in verify_cache(out)]
     assert any(t.startswith("shard-00004: directory") for t in text)
-    assert any(t.startswith("cache/head.safetensors: sha256 mismatch") for t in text)
+    assert any(t.startswith("cache/head.safetensors: crc32c mismatch") for t in text)
 
 
 def _rewrite_array(out, i, name, fn):
@@ -59,7 +59,7 @@ def _rewrite_array(out, i, name, fn):
     rec = load_commits(out)[i]
     for rel in rec["files"]:
         p = d / rel
-        rec["files"][rel] = {"bytes": p.stat().st_size, "sha256": hash_file(p)}
+        rec["files"][rel] = {"bytes": p.stat().st_size, spec.CHECKSUM: hash_file(p)}
     write_commit(out, rec)
     m = load_manifest(out)
     m["shards"][i] = rec

@@ -104,3 +104,27 @@ def test_unknown_field_and_head(synthetic_cache):
     head = load_head(out)
     assert head[spec.HEAD_WEIGHT].shape == (50, 16)
     assert head[spec.EMBED_WEIGHT] is head[spec.HEAD_WEIGHT]  # tied: stored once
+
+
+@pytest.mark.filterwarnings("ignore:Object at examples.arrow")  # zarr lists the Arrow file too
+@pytest.mark.parametrize("hidden_dtype", ["fp16", "fp8"])
+def test_shard_files_are_byte_identical_to_zarr_pythons(make_cache, tmp_path, hidden_dtype):
+    """The writer writes Zarr shard files itself (one sequential write); zarr-python writing the
+    same arrays with the same metadata must produce the very same bytes."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    out, _, _ = make_cache(hidden_dtype=hidden_dtype, top_k=3)
+    shard = out / spec.SHARDS_DIR / "shard-00002"
+    ours = zarr.open_group(str(shard), mode="r", zarr_format=3)
+    theirs = zarr.open_group(LocalStore(tmp_path / "z"), mode="w", zarr_format=3)
+    names = sorted(ours.array_keys())
+    assert {"hidden", "topk_ids", spec.TOKEN_OFFSETS} <= set(names)
+    for name in names:
+        a = ours[name]
+        b = theirs.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.chunks,
+                                shards=a.shards, compressors=None, fill_value=0,
+                                config={"write_empty_chunks": True})
+        b[...] = a[...]
+        key = "c/" + "/".join("0" * a.ndim)
+        assert (shard / name / key).read_bytes() == (tmp_path / "z" / name / key).read_bytes(), name
