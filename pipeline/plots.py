@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 # metrics.jsonl keys that are bookkeeping, not curves
 _NOT_CURVES = {"step", "epoch", "time", "elapsed_s", "wall_time", "timestamp", "shard", "row"}
@@ -124,8 +125,10 @@ def training_curves_figure(runs: Mapping[str, Sequence[Mapping]],
         raise ValueError("no numeric columns to plot in the given metrics")
     ncols = min(3, len(keys))
     nrows = math.ceil(len(keys) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows + 0.6), layout="constrained")
     fig.suptitle(title)
+    # One color per run in every panel: a panel only some runs log (kd_loss) keeps the run's color.
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}
     for n, key in enumerate(keys):
         ax = fig.add_subplot(nrows, ncols, n + 1)
         for name, rows in runs.items():
@@ -133,14 +136,13 @@ def training_curves_figure(runs: Mapping[str, Sequence[Mapping]],
                    if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=name, marker="." if len(pts) < 30 else None)
+                ax.plot(xs, ys, label=name, color=colors[name],
+                        marker="." if len(pts) < 30 else None)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if key == "lr":
-            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    fig.axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [Line2D([], [], color=c, label=name) for name, c in colors.items()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6), fontsize=9)
     return fig
 
 

@@ -87,7 +87,20 @@ def test_training_curves_panels_and_lines(tmp_path):
     assert set(lines) == {"sft", "dskd"}
     np.testing.assert_allclose(lines["dskd"].get_ydata(), [3.0 / (s + 1) for s in range(4)])
     np.testing.assert_allclose(lines["sft"].get_xdata(), range(6))
+    # one figure legend naming every run
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sft", "dskd"]
     out = plots.plot_training_curves(runs, tmp_path / "curves.png")
     assert imread(out).shape[1] > 600
     with pytest.raises(ValueError, match="no numeric"):
         plots.training_curves_figure({"x": [{"step": 1}]})
+
+
+def test_a_run_keeps_its_color_in_panels_only_it_logs():
+    runs = {"sft": [{"step": s, "loss": 1.0 / (s + 1)} for s in range(3)],
+            "dskd": [{"step": s, "loss": 2.0 / (s + 1), "kd_loss": 0.5} for s in range(3)]}
+    fig = plots.training_curves_figure(runs)
+    loss_ax, kd_ax = fig.axes
+    color = {ln.get_label(): ln.get_color() for ln in loss_ax.get_lines()}
+    assert color["sft"] != color["dskd"]
+    (kd_line,) = kd_ax.get_lines()
+    assert kd_line.get_label() == "dskd" and kd_line.get_color() == color["dskd"]
