@@ -27,7 +27,8 @@ from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
 from dskd.pipeline.train.distiller import Distiller
 from dskd.pipeline.train.loader import BatchStream, PlanConfig, to_device
-from dskd.pipeline.train.logger import MetricsLogger, train_progress, truncate_metrics
+from dskd.pipeline.train.logger import (METRICS_FILE, MetricsLogger, train_progress,
+                                        truncate_metrics)
 from dskd.pipeline.train.models import (LoraOptions, gathered_state, load_student, load_tokenizer,
                                         save_student, write_student)
 from dskd.pipeline.train.optim import LRSchedule, build_optimizer
@@ -35,7 +36,7 @@ from dskd.pipeline.train.setup import (RunInputs, TeacherSide, build_teacher_sid
                                        make_source, student_dims)
 from dskd.pipeline.train.signal import build_signal, round_hidden, teacher_forward, topk_from_hidden
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 Method = Literal["sft", "kd", "dskd", "dskd-cma", "uld", "mined"]
 Divergence = Literal["fkl", "rkl", "js", "skl", "srkl", "akl", "tvd"]
@@ -64,6 +65,8 @@ class DistillConfig:
         "help": "prompt tokens kept (default: the cache's, else 256)"})
     max_len: Optional[int] = field(default=None, metadata={
         "help": "sequence tokens kept (default: the cache's, else 512)"})
+    limit: Optional[int] = field(default=None, metadata={
+        "help": "use only the first N examples of --data / --valid-data"})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
         "help": "a bad data row stops the run (error) or is skipped and reported (skip)"})
     # --- method
@@ -130,6 +133,8 @@ class DistillConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
         "help": "modules LoRA adapts"})
     tensorboard: bool = field(default=True, metadata={"help": "TensorBoard logs if installed"})
+    trace_examples: bool = field(default=False, metadata={
+        "help": "write RUN_DIR/examples.rankR.jsonl: example ids of every step (audits the order)"})
 
 
 def run(cfg: DistillConfig) -> Path:
@@ -206,8 +211,9 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
         stream.seek(**t["position"])
         rngs = ckpt_state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
-        if env.is_main:
-            truncate_metrics(out, step)
+        if env.is_main:  # logs of steps after the checkpoint are redone: drop them
+            for f in [METRICS_FILE] + [p.name for p in out.glob("examples.rank*.jsonl")]:
+                truncate_metrics(out, step, f)
         say(f"resumed from {resume_from.name} (step {step}, epoch {t['position']['epoch']})")
     if env.is_main:
         save_config(cfg, out)
@@ -219,6 +225,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
     save_every = cfg.save_interval or stream.steps_per_epoch
     start_step = step
     batches = stream.steps()
+    trace = open(out / f"examples.rank{env.rank}.jsonl", "a") if cfg.trace_examples else None
     tokens_seen, t_last = 0, time.perf_counter()
     progress = train_progress(env.is_main)
     task = progress.add_task("distill", total=total_steps, completed=step, loss=float("nan"), tps=0)
@@ -230,7 +237,8 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
             # once in a while: validate (keep the best), checkpoint; always after the last step
             if step > start_step and (step % eval_every == 0 or last):
                 metrics = evaluate(model, valid, teacher, cfg, env, autocast, student_tok)
-                logger.log(step, metrics)
+                if metrics:
+                    logger.log(step, metrics)
                 value = metrics.get(_best_key(cfg))
                 if value is not None and (best is None or _better(cfg, value, best["value"])):
                     best = {"step": step, "metric": _best_key(cfg), "value": value}
@@ -241,6 +249,9 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
 
             # forward / backward over the step's micro-batches (gradient accumulation)
             epoch, group = next(batches)
+            if trace is not None:
+                trace.write(json.dumps({"step": step + 1, "epoch": epoch, "ids": [
+                    i for mb in group if not mb.padding for i in mb.example_ids]}) + "\n")
             n_label = dist.all_reduce_sum(torch.tensor(
                 float(sum(int(mb.tensors["labels"].ne(-100).sum()) for mb in group)))).item()
             # official batch_denom: label tokens of the global batch / (accum × world)
@@ -287,6 +298,8 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
             {"step": step, "method": cfg.method, "best": best}, indent=2) + "\n")
     dist.barrier()
     logger.close()
+    if trace is not None:
+        trace.close()
     say(f"[green]done[/]: {out / 'final'} (step {step}"
         + (f", best {best['metric']} {best['value']:.4f} at step {best['step']})" if best else ")"))
     return out / "final"
@@ -342,6 +355,7 @@ def evaluate(model, valid, teacher: TeacherSide, cfg: DistillConfig, env: dist.D
         out["valid_rougeL"] = _rouge(dist.unwrap(model).student, student_tok, cfg)
     if cfg.eval_rouge and env.distributed:
         out["valid_rougeL"] = dist.broadcast_object(out.get("valid_rougeL"))
+    dist.reshard(model)  # FSDP2: a forward without backward leaves the root un-sharded
     model.train()
     return out
 
@@ -410,21 +424,23 @@ def _clip(model, max_norm: float) -> float:
 
 def _prepare_run_dir(cfg: DistillConfig, out: Path, env: dist.DistEnv) -> Path | None:
     """The checkpoint to resume from, if any; refuses to mix a new run into an old one."""
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
     latest = ckpt.latest_checkpoint(out)
-    if cfg.resume:
+    if cfg.resume and latest is not None:
         return latest
-    if latest is not None or (out / "final").exists():
-        if not cfg.overwrite:
-            raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or "
-                             "--overwrite to start over")
-        if env.is_main:
-            import shutil
-
-            for name in (ckpt.CKPT_SUBDIR, "final", "metrics.jsonl", "tensorboard"):
-                p = out / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        dist.barrier()
+    if (latest is not None or (out / "final").exists()) and not cfg.overwrite:
+        raise ValueError(f"--out {out} already holds a run; pass --resume to continue it or "
+                         "--overwrite to start over")
+    dist.barrier()  # every rank has looked before rank 0 clears
+    if env.is_main:  # a fresh start: no logs or checkpoints of an earlier attempt may remain
+        stale = [ckpt.CKPT_SUBDIR, "final", METRICS_FILE, "tensorboard",
+                 *[p.name for p in out.glob("examples.rank*.jsonl")]]
+        for name in stale:
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    dist.barrier()
     return None
 
 

@@ -131,6 +131,17 @@ def wrap_fsdp2(module: nn.Module, student: nn.Module, env: DistEnv,
     return module
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 module back to its sharded parameters.
+
+    A forward without backward (validation) leaves the root's parameters un-sharded; state-dict
+    calls and the optimizer expect the sharded ones. No-op without FSDP2.
+    """
+    for m in module.modules():
+        if callable(getattr(m, "reshard", None)) and type(m).__name__.startswith("FSDP"):
+            m.reshard()
+
+
 def _hf_model(student: nn.Module) -> nn.Module:
     """The HF PreTrainedModel under a peft wrapper, if any."""
     base = getattr(student, "get_base_model", None)

@@ -18,8 +18,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    p = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: str | os.PathLike, name: str = METRICS_FILE) -> list[dict[str, Any]]:
+    p = Path(run_dir) / name
     if not p.is_file():
         return []
     rows = []
@@ -31,12 +31,12 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def truncate_metrics(run_dir: str | os.PathLike, last_step: int) -> None:
-    """Keep only rows with step <= last_step (rewritten atomically)."""
-    p = Path(run_dir) / METRICS_FILE
+def truncate_metrics(run_dir: str | os.PathLike, last_step: int, name: str = METRICS_FILE) -> None:
+    """Keep only rows with step <= last_step (rewritten atomically; any `{"step": …}` jsonl)."""
+    p = Path(run_dir) / name
     if not p.is_file():
         return
-    keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
+    keep = [r for r in read_metrics(run_dir, name) if r.get("step", 0) <= last_step]
     tmp = p.with_name(f".{p.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, p)

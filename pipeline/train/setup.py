@@ -81,6 +81,8 @@ def check_config(cfg: Any) -> RunInputs:
             errs.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be ≥ 1")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         errs.append(f"--max-steps {cfg.max_steps}: must be ≥ 1")
+    if cfg.limit is not None and cfg.limit < 1:
+        errs.append(f"--limit {cfg.limit}: must be ≥ 1")
     if cfg.num_workers < 0:
         errs.append(f"--num-workers {cfg.num_workers}: must be ≥ 0")
 
@@ -145,7 +147,7 @@ def _dataset_check(cfg: Any, fp: dict[str, Any], template: str) -> list[str]:
 
     try:
         exs = load_examples(cfg.data, field_map=cfg.field_map, template=template,
-                            on_bad_row=cfg.on_bad_row)
+                            on_bad_row=cfg.on_bad_row, limit=cfg.limit)
     except ValueError as e:
         return [str(e)]
     mine = {"n_examples": len(exs),
@@ -251,7 +253,8 @@ def _load_tokenizable(path: str, cfg: Any, inp: RunInputs, student_tok: Any,
     """Examples that both tokenizers can fit in --max-len (others follow --on-bad-row)."""
     bad = BadRows(path, cfg.on_bad_row)
     examples = load_examples(path, field_map=cfg.field_map, template=inp.template,
-                             on_bad_row=cfg.on_bad_row, tokenizer=student_tok, bad_rows=bad)
+                             on_bad_row=cfg.on_bad_row, tokenizer=student_tok, bad_rows=bad,
+                             limit=cfg.limit)
     kept = []
     for ex in examples:
         try:
@@ -263,6 +266,9 @@ def _load_tokenizable(path: str, cfg: Any, inp: RunInputs, student_tok: Any,
             bad.handle(ex.row, str(e), ex.prompt[:200])
     if not kept:
         raise ConfigError(f"{path}: no example fits --max-len {inp.max_len}")
+    if bad.skipped:  # one report per data file: skipped_rows.<file>.jsonl in the run dir
+        report = bad.write_report(cfg.out)
+        report.replace(report.with_name(f"skipped_rows.{Path(path).stem}.jsonl"))
     return kept
 
 

@@ -1,0 +1,368 @@
+"""`dskd distill` on the toy world: SFT from a file, cache == online (the exactness proof), resume,
+refusals of bad input, special tokens, LoRA, validation/best; slow: SIGKILL + resume, torchrun
+(DDP, FSDP2) vs one process, the method matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dskd.pipeline.cache.spec import CacheError
+from dskd.pipeline.config import ConfigError
+from dskd.pipeline.train.checkpoint import list_checkpoints
+from dskd.pipeline.train.logger import read_metrics
+from dskd.stages.cache_teacher import CacheTeacherConfig
+from dskd.stages.cache_teacher import run as cache_run
+from dskd.stages.distill import DistillConfig, run
+
+N_TRAIN, N_VALID = 40, 12
+
+
+@pytest.fixture(scope="module")
+def world(toy_world, tmp_path_factory):
+    """Small train/valid files and their caches (fp16 hidden, top-16), 3 train shards."""
+    d = tmp_path_factory.mktemp("distill")
+    for split, n in (("train", N_TRAIN), ("valid", N_VALID)):
+        lines = Path(getattr(toy_world, split)).read_text().splitlines()[:n]
+        (d / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        cache_run(CacheTeacherConfig(teacher=str(toy_world.teacher), data=str(d / f"{split}.jsonl"),
+                                     out=str(d / f"cache_{split}"), shard_size=16, top_k=16,
+                                     batch_tokens=4096, progress=False))
+    return {"dir": d, "toy": toy_world, "train": d / "train.jsonl", "valid": d / "valid.jsonl",
+            "cache": d / "cache_train", "vcache": d / "cache_valid"}
+
+
+def cfg(world, out, **kw) -> DistillConfig:
+    base = dict(student=str(world["toy"].student), out=str(out), batch_size=4, max_steps=3,
+                eval_interval=1000, save_interval=1000, num_workers=0, log_interval=1,
+                tensorboard=False, seed=3)
+    return DistillConfig(**(base | kw))
+
+
+def train_rows(run_dir) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if "loss" in r]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_sft_from_a_data_file_writes_a_loadable_student(world, tmp_path):
+    out = run(cfg(world, tmp_path / "sft", method="sft", data=str(world["train"]),
+                  valid_data=str(world["valid"]), eval_interval=2, save_interval=2))
+    assert out == tmp_path / "sft" / "final"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tok)
+    rows = read_metrics(tmp_path / "sft")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for key in ("ce_loss", "lr", "grad_norm", "tokens_per_s", "label_tokens"):
+        assert all(key in r for r in steps)
+    assert steps[0]["loss"] == pytest.approx(steps[0]["ce_loss"])  # SFT: loss is the CE
+    assert [r["step"] for r in rows if "valid_loss" in r] == [2, 3]
+    assert [p.name for p in list_checkpoints(tmp_path / "sft")] == ["step-00000002", "step-00000003"]
+    assert (tmp_path / "sft" / "config.yaml").is_file()
+
+
+def test_lr_schedule_and_two_param_groups_are_logged(world, tmp_path):
+    run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="dskd", max_steps=4,
+            warmup_steps=1))
+    rows = train_rows(tmp_path / "r")
+    assert rows[0]["lr"] == pytest.approx(5e-4) and rows[0]["projector_lr"] == pytest.approx(1e-3)
+    assert rows[-1]["lr"] < rows[1]["lr"]  # cosine decay after warmup
+    assert {"t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss", "kd_loss"} <= rows[0].keys()
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_cache_exact_equals_online_teacher(world, tmp_path):
+    """The proof that the cache loses nothing: DSKD from the cache and DSKD with the live teacher
+    give the same losses and weights. The cache stores fp16 hidden states, so the online run
+    rounds its live hidden states to fp16 too; the two then differ only where a live fp32 value
+    (batched with other padding than at cache time) rounds to the neighbouring fp16 number.
+    Against the unrounded fp32 teacher the difference is the fp16 storage error itself."""
+    common = dict(method="dskd", max_steps=4)
+    run(cfg(world, tmp_path / "cache", cache=str(world["cache"]), **common))
+    run(cfg(world, tmp_path / "on16", teacher=str(world["toy"].teacher), data=str(world["train"]),
+            online_hidden_dtype="fp16", **common))
+    run(cfg(world, tmp_path / "on32", teacher=str(world["toy"].teacher), data=str(world["train"]),
+            **common))
+    c, o16, o32 = (train_rows(tmp_path / n) for n in ("cache", "on16", "on32"))
+    assert len(c) == 4
+    diffs = {n: max(abs(x[k] - y[k]) for x, y in zip(c, o) for k in ("loss", "t2s_kd_loss"))
+             for n, o in (("fp16", o16), ("fp32", o32))}
+    print("max |loss term diff| cache vs online:", diffs)
+    for a, b, f in zip(c, o16, o32):
+        for k in ("loss", "ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6), (a["step"], k)
+            assert f[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k)
+    w16 = max_diff(weights(tmp_path / "cache"), weights(tmp_path / "on16"))
+    w32 = max_diff(weights(tmp_path / "cache"), weights(tmp_path / "on32"))
+    print(f"max |weight diff| after 4 steps: online fp16 {w16:.2e}, online fp32 {w32:.2e}")
+    assert w16 < 2e-5 and w32 < 2e-4  # Adam turns tiny grad differences into ~lr-sized ones
+
+
+def test_topk_signal_runs_from_the_cache_and_online(world, tmp_path):
+    common = dict(method="kd", teacher_signal="topk", max_steps=2, online_top_k=16)
+    run(cfg(world, tmp_path / "c", cache=str(world["cache"]), **common))
+    run(cfg(world, tmp_path / "o", teacher=str(world["toy"].teacher), data=str(world["train"]),
+            online_hidden_dtype="fp16", **common))
+    c, o = train_rows(tmp_path / "c"), train_rows(tmp_path / "o")
+    for a, b in zip(c, o):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    exact = run(cfg(world, tmp_path / "e", cache=str(world["cache"]), method="kd", max_steps=2))
+    assert exact.is_dir()
+    # the top-16 KD term is a different (sparse) objective than the full-vocabulary one
+    assert train_rows(tmp_path / "e")[0]["kd_loss"] != pytest.approx(c[0]["kd_loss"], rel=1e-3)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_from_an_earlier_checkpoint_reaches_the_same_weights(world, tmp_path):
+    args = dict(cache=str(world["cache"]), method="dskd", max_steps=6, save_interval=2,
+                keep_last=5, shuffle_buffer=8, block_size=4)
+    run(cfg(world, tmp_path / "r", **args))
+    ref = weights(tmp_path / "r")
+    ref_rows = train_rows(tmp_path / "r")
+    # Lose everything after step 4, as a crash during step 5 or 6 would.
+    shutil.rmtree(tmp_path / "r" / "final")
+    shutil.rmtree(tmp_path / "r" / "checkpoints" / "step-00000006")
+    with pytest.raises(ValueError, match="--resume"):
+        run(cfg(world, tmp_path / "r", **args))
+    run(cfg(world, tmp_path / "r", resume=True, **args))
+    assert max_diff(ref, weights(tmp_path / "r")) == 0.0
+    assert [r["loss"] for r in train_rows(tmp_path / "r")] == [r["loss"] for r in ref_rows]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_cache_made_for_other_settings_is_refused_before_compute(world, tmp_path):
+    with pytest.raises(ConfigError, match=r"max_len: cache has 512, this run has 128"):
+        run(cfg(world, tmp_path / "a", cache=str(world["cache"]), max_len=128))
+    with pytest.raises(ConfigError, match=r"template: cache has 'dskd', this run has 'none'"):
+        run(cfg(world, tmp_path / "b", cache=str(world["cache"]), template="none"))
+    with pytest.raises(ConfigError, match=r"n_examples: cache has 40, this run has 12"):
+        run(cfg(world, tmp_path / "c", cache=str(world["cache"]), data=str(world["valid"])))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_a_valid_cache_of_another_teacher_is_refused(world, tmp_path):
+    other = tmp_path / "other"
+    cache_run(CacheTeacherConfig(teacher=str(world["toy"].student), data=str(world["valid"]),
+                                 out=str(other), shard_size=16, top_k=16, progress=False))
+    with pytest.raises(ConfigError, match=r"--valid-cache .* teacher_config: cache has"):
+        run(cfg(world, tmp_path / "r", cache=str(world["cache"]), valid_cache=str(other)))
+
+
+def test_missing_or_corrupt_shard_stops_with_its_name(world, tmp_path):
+    bad = tmp_path / "cache"
+    shutil.copytree(world["cache"], bad)
+    shutil.rmtree(bad / "shards" / "shard-00001")
+    with pytest.raises(ConfigError, match="shard shard-00001 is missing"):
+        run(cfg(world, tmp_path / "r1", cache=str(bad)))
+    shutil.rmtree(bad)
+    shutil.copytree(world["cache"], bad)
+    hidden = next(p for p in (bad / "shards" / "shard-00002" / "hidden" / "c").rglob("*")
+                  if p.is_file())
+    hidden.write_bytes(hidden.read_bytes()[:100])  # truncated on disk
+    with pytest.raises(ConfigError, match="shard shard-00002 is corrupt"):
+        run(cfg(world, tmp_path / "r2", cache=str(bad)))
+
+
+def test_same_vocab_methods_refuse_a_cross_vocab_student(world, tmp_path):
+    with pytest.raises(ConfigError, match="dskd-cma, uld or mined"):
+        run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="dskd",
+                student=str(world["toy"].student_xvocab)))
+
+
+def test_cross_vocab_dskd_cma_from_the_cache(world, tmp_path):
+    run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="dskd-cma", max_steps=2,
+            student=str(world["toy"].student_xvocab)))
+    rows = train_rows(tmp_path / "r")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[0]["s2t_kd_loss"] > 0
+
+
+def _strip_special(src: Path, dst: Path, drop: str) -> None:
+    """A copy of a model dir whose tokenizer has no `drop` token (eos or pad)."""
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    setattr(tok, f"{drop}_token", None)
+    if drop == "eos":
+        tok.pad_token = None  # the toy pad is a special token of its own; drop both
+    tok.save_pretrained(dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    assert getattr(tok, f"{drop}_token_id") is None
+
+
+@pytest.mark.parametrize("drop", ["pad", "eos"])
+def test_student_tokenizer_without_special_tokens_gets_them_and_is_told(world, tmp_path, capsys,
+                                                                         drop):
+    student = tmp_path / "student"
+    _strip_special(world["toy"].student, student, drop)
+    out = run(cfg(world, tmp_path / "r", student=str(student), method="sft",
+                  data=str(world["train"]), max_steps=1))
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{'EOS' if drop == 'eos' else 'pad'} token was missing" in err
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().num_embeddings == len(tok)
+
+
+def test_config_problems_are_listed_together(world, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        run(DistillConfig(out="", method="dskd", batch_size=0))
+    msg = str(e.value)
+    for part in ("--student is required", "--out is required", "needs a teacher", "--batch-size 0"):
+        assert part in msg
+
+
+# --------------------------------------------------------------------------- LoRA, validation
+
+
+def test_lora_student_trains_only_adapters_and_final_is_merged(world, tmp_path):
+    out = run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="dskd", lora=True,
+                  lora_r=4, lora_alpha=8, max_steps=2, save_interval=2))
+    adapter = tmp_path / "r" / "checkpoints" / "step-00000002" / "student"
+    assert (adapter / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(world["toy"].student)
+    changed = [n for n, p in merged.named_parameters()
+               if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed and all("proj" in n for n in changed)  # only adapted linears moved
+
+
+def test_validation_and_rouge_select_the_best_checkpoint(world, tmp_path):
+    run(cfg(world, tmp_path / "r", cache=str(world["cache"]), valid_cache=str(world["vcache"]),
+            valid_data=str(world["valid"]), eval_rouge=True, eval_samples=3,
+            eval_max_new_tokens=8, method="dskd", max_steps=4, eval_interval=2, save_interval=2,
+            keep_last=1))
+    evals = [r for r in read_metrics(tmp_path / "r") if "valid_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 <= r["valid_rougeL"] <= 100 for r in evals)
+    best = json.loads((tmp_path / "r" / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "valid_rougeL"
+    kept = {p.name for p in list_checkpoints(tmp_path / "r")}
+    assert best["checkpoint"] in kept and "step-00000004" in kept
+
+
+# --------------------------------------------------------------------------- slow: processes
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dskd.cli", "distill", *args]
+
+
+def _args(world, out, **kw) -> list[str]:
+    base = {"student": world["toy"].student, "out": out, "cache": world["cache"],
+            "method": "dskd", "batch-size": 4, "num-workers": 0, "log-interval": 1, "seed": 3,
+            "eval-interval": 1000, "no-tensorboard": None} | kw
+    return [x for k, v in base.items() for x in ([f"--{k}"] if v is None else [f"--{k}", str(v)])]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(world, tmp_path):
+    args = {"max-steps": 8, "save-interval": 3, "num-workers": 1}
+    subprocess.run(_cli(*_args(world, tmp_path / "a", **args)), check=True, env=ENV,
+                   capture_output=True)
+    b = tmp_path / "b"
+    proc = subprocess.Popen(_cli(*_args(world, b, **args)), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(r.get("step") == 5 for r in read_metrics(b)):
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (b / "final").exists() and list_checkpoints(b)[-1].name == "step-00000003"
+    subprocess.run(_cli(*_args(world, b, resume=None, **args)), check=True, env=ENV,
+                   capture_output=True)
+    assert max_diff(weights(tmp_path / "a"), weights(b)) == 0.0
+    assert [r["step"] for r in train_rows(b)] == list(range(1, 9))
+
+
+def _torchrun(n: int, args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
+           "-m", "dskd.cli", "distill", *args]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_torchrun_two_processes_match_one(world, tmp_path, fsdp):
+    """2 processes × batch 4 == 1 process × batch 8: same global batches, each example once per
+    epoch (40 rows → 5 global batches of 8), same losses and weights."""
+    steps = 7  # one epoch is 5 steps: crosses into the second epoch
+    one = _args(world, tmp_path / "one", **{"batch-size": 8, "max-steps": steps,
+                                            "trace-examples": None, "save-interval": 3})
+    two = _args(world, tmp_path / "two", **{"batch-size": 4, "max-steps": steps,
+                                            "trace-examples": None, "save-interval": 3})
+    subprocess.run(_cli(*one), check=True, env=ENV, capture_output=True)
+    _torchrun(2, two + (["--fsdp"] if fsdp else []))
+    seen: dict[int, list[str]] = {}
+    for rank in (0, 1):
+        for line in (tmp_path / "two" / f"examples.rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            seen.setdefault(row["epoch"], []).extend(row["ids"])
+    assert len(seen[0]) == N_TRAIN and len(set(seen[0])) == N_TRAIN  # none missing, none twice
+    a, b = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["label_tokens"] == x["label_tokens"]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+@pytest.mark.slow
+def test_torchrun_resume_after_kill(world, tmp_path):
+    two = _args(world, tmp_path / "two", **{"max-steps": 6, "save-interval": 2})
+    _torchrun(2, two)
+    ref = weights(tmp_path / "two")
+    shutil.rmtree(tmp_path / "two" / "final")
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-00000006")
+    _torchrun(2, two + ["--resume"])
+    assert max_diff(ref, weights(tmp_path / "two")) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,student,extra", [
+    ("kd", "student", {"divergence": "rkl"}),
+    ("dskd", "student_gpt2", {"divergence": "akl"}),
+    ("dskd", "student", {"teacher_signal": "topk", "divergence": "js"}),
+    ("uld", "student_xvocab", {}),
+    ("mined", "student_xvocab", {}),
+    ("dskd-cma", "student_xvocab", {"divergence": "srkl", "grad_accum": 2}),
+])
+def test_method_matrix_trains(world, tmp_path, method, student, extra):
+    run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method=method, max_steps=3,
+            student=str(getattr(world["toy"], student)), **extra))
+    rows = train_rows(tmp_path / "r")
+    assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"] + 1.0  # no blow-up
