@@ -154,12 +154,14 @@ def merge_results(run_dirs: list[str | Path]) -> dict:
             info = res["models"].get(model, {})
             key = model
             prev = merged["models"].get(key)
+            proto = {k: v for k, v in (res.get("protocol") or {}).items() if k != "seeds"}
             clash = prev is not None and (
                 prev.get("fingerprint", {}).get("sha256") != info.get("fingerprint", {}).get("sha256")
+                or prev.get("protocol") != proto  # greedy and sampled cells never share a row
                 or any(s in merged["scores"][key] for s in sets if s != AVERAGE))
             if clash:
                 key = f"{model} [{Path(run_dir).name}]"
-            merged["models"].setdefault(key, info)
+            merged["models"].setdefault(key, {**info, "protocol": proto, "run": str(run_dir)})
             row = merged["scores"].setdefault(key, {})
             row.update({s: c for s, c in sets.items() if s != AVERAGE})
             if res.get("fidelity", {}) and model in res["fidelity"]:

@@ -336,3 +336,18 @@ def test_fidelity_against_a_real_teacher_cache(toy_world, tmp_path):
 def test_missing_cache_dir_is_reported(toy_world, tmp_path):
     with pytest.raises(ev.EvalError, match="--cache .* is not a directory"):
         ev.run(_cfg(toy_world, tmp_path / "x", cache=str(tmp_path / "nocache")))
+
+
+def test_report_merges_same_model_same_protocol_only(evaluated, toy_world, tmp_path):
+    extra = tmp_path / "extra.jsonl"
+    shutil.copy(toy_world.valid, extra)
+    same = tmp_path / "same"  # the fixture's protocol, another set: joins the student row
+    ev.run(_cfg(toy_world, same, model=[str(toy_world.student)], data=[str(extra)]))
+    greedy = tmp_path / "g"  # greedy on that set: its own row
+    ev.run(_cfg(toy_world, greedy, model=[str(toy_world.student)], data=[str(extra)],
+                decoding="greedy"))
+    rep.report([evaluated, same, greedy], tmp_path / "m")
+    scores = json.loads((tmp_path / "m" / "results.json").read_text())["scores"]
+    assert set(scores["student"]) == {"valid", "test", "extra", "Average"}
+    assert set(scores["student [g]"]) == {"extra"}
+    assert scores["student"]["extra"] != scores["student [g]"]["extra"]
