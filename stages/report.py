@@ -27,7 +27,8 @@ class ReportError(ValueError):
 @dataclass
 class ReportConfig:
     run_dirs: list[str] = field(default_factory=list, metadata={
-        "help": "eval output dirs (each holding results.json) to put side by side"})
+        "help": "eval output dirs (each holding results.json) to put side by side",
+        "positional": True})  # `dskd report RUN_DIR... --out DIR`
     out: str = field(default="", metadata={"help": "output dir for report.md, results.json, PNGs"})
 
 

@@ -302,6 +302,9 @@ def test_cli_eval_and_flags(toy_world, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert list(res["scores"]["student"]) == ["dolly"]
     assert res["config"]["seeds"] == [10, 20]
+    r = CliRunner().invoke(app, ["report", str(out), str(out), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert "| student |" in (tmp_path / "rep" / "report.md").read_text()
     r = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "nope"), "--data",
                                  str(toy_world.valid), "--out", str(out)])
     assert r.exit_code == 1 and "does not exist" in r.output
