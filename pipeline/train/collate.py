@@ -48,10 +48,14 @@ def collate_tokens(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pa
 
 def pad_rows(rows: Sequence[np.ndarray | torch.Tensor], T: int, fill: float = 0.0,
              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Stack per-example (n_b, ...) arrays into (B, T, ...), filling rows n_b..T-1 with `fill`."""
-    first = torch.as_tensor(rows[0])
-    out = torch.full((len(rows), T, *first.shape[1:]), fill, dtype=dtype or first.dtype)
+    """Stack per-example (n_b, ...) arrays into (B, T, ...), filling rows n_b..T-1 with `fill`.
+
+    Copies into one new buffer, so read-only inputs (memory-mapped cache rows) are fine.
+    """
+    first = np.asarray(rows[0]) if not isinstance(rows[0], torch.Tensor) else rows[0].numpy()
+    np_dtype = first.dtype if dtype is None else torch.empty(0, dtype=dtype).numpy().dtype
+    out = np.full((len(rows), T, *first.shape[1:]), fill, dtype=np_dtype)
     for b, r in enumerate(rows):
-        r = torch.as_tensor(r)
-        out[b, : r.shape[0]] = r.to(out.dtype)
-    return out
+        r = r.numpy() if isinstance(r, torch.Tensor) else r
+        out[b, : r.shape[0]] = r
+    return torch.from_numpy(out)

@@ -97,8 +97,20 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def gathered_state(student: nn.Module) -> dict[str, torch.Tensor] | None:
-    """Full weights of an FSDP2-sharded student (collective: every rank calls); None otherwise."""
-    return full_state_dict(student) if _is_sharded(student) else None
+    """Full weights of an FSDP2-sharded student (collective: every rank calls); None otherwise.
+
+    Tied weights (GPT-2/Llama lm_head = embeddings) come back as separate entries; the second
+    name is dropped so the saved dir looks like save_pretrained's own.
+    """
+    if not _is_sharded(student):
+        return None
+    state = full_state_dict(student)
+    seen: set[int] = set()
+    for name, p in student.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            state.pop(name, None)
+        seen.add(id(p))
+    return state
 
 
 def write_student(student: nn.Module, tokenizer: Any, out_dir: str | Path,
