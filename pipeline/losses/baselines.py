@@ -154,4 +154,4 @@ def sorted_prob_l1(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     return (p - q).abs().sum(-1)
 
 
-__all__ = ["SFTLoss", "VanillaKD", "ULDLoss", "uld_partners", "sorted_prob_l1"]
+__all__ = ["SFTLoss", "ULDLoss", "VanillaKD", "sorted_prob_l1", "uld_partners"]

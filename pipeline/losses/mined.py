@@ -34,7 +34,13 @@ from dskd.pipeline.losses.divergences import (
     canonical_divergence,
     divergence,
 )
-from dskd.pipeline.losses.signals import DistillLoss, StudentBatch, TeacherSignal, _need, stack_terms
+from dskd.pipeline.losses.signals import (
+    DistillLoss,
+    StudentBatch,
+    TeacherSignal,
+    _need,
+    stack_terms,
+)
 
 MASKED_LOGIT = -100000.0  # official value for ids with no teacher counterpart
 ONE_HOT_LOGIT = 100.0

@@ -169,8 +169,8 @@ def _naive_uld(z, zt, lab, tlab):
 
 def test_uld_real_segmentation_gpt2_vs_qwen2(toks):
     st_, te_ = toks["gpt2"], toks["qwen2"]
-    s_ids, s_lab = _seq(st_)
-    t_ids, t_lab = _seq(te_, prompt="<|im_start|>user\n" + PROMPT + "<|im_end|>\n")
+    _s_ids, s_lab = _seq(st_)
+    _t_ids, t_lab = _seq(te_, prompt="<|im_start|>user\n" + PROMPT + "<|im_end|>\n")
     s_lab2, t_lab2 = _pad([s_lab, s_lab[:15]], -100), _pad([t_lab, t_lab[:30]], -100)
     assert s_lab2.shape[1] != t_lab2.shape[1]  # unequal padded lengths are accepted
     g = torch.Generator().manual_seed(0)
