@@ -89,6 +89,9 @@ class DistillConfig:
     max_steps: Optional[int] = field(default=None, metadata={
         "help": "stop after this many optimizer steps (overrides --epochs for the schedule)"})
     batch_size: int = field(default=32, metadata={"help": "examples per micro-batch per process"})
+    batch_tokens: Optional[int] = field(default=None, metadata={
+        "help": "instead of --batch-size: padded tokens per micro-batch per process (cache: "
+                "counted in teacher tokens)"})
     grad_accum: int = field(default=1, metadata={
         "help": "micro-batches per optimizer step (global batch = batch × accum × processes)"})
     lr: float = field(default=5e-4, metadata={"help": "student learning rate"})
@@ -189,17 +192,18 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
     # ---- data: one stream over the training rows, one over the validation rows
     plan = PlanConfig(batch_size=cfg.batch_size, world_size=env.world_size, seed=cfg.seed,
                       shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer,
-                      block_size=cfg.block_size)
+                      block_size=cfg.block_size, batch_tokens=cfg.batch_tokens)
     source, build = make_source(cfg, inp, teacher, student_tok, loss_fn, split="train")
     stream = BatchStream(source, plan, env.rank, build, grad_accum=cfg.grad_accum,
-                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                         lengths=source.lengths() if cfg.batch_tokens else None)
     valid = make_source(cfg, inp, teacher, student_tok, loss_fn, split="valid")
     say(f"[bold]distill[/] {cfg.method} ({cfg.divergence}, signal {teacher.mode}) · "
         f"{source.num_rows} train rows · {stream.steps_per_epoch} steps/epoch · "
         f"{env.world_size} process(es) on {device}")
 
     # ---- optimizer (student + projectors) and schedule (now that the step count is known)
-    total_steps = cfg.max_steps or cfg.epochs * stream.steps_per_epoch
+    total_steps = cfg.max_steps or stream.total_steps(cfg.epochs)
     optimizer = build_optimizer(dist.unwrap(model).student, loss_fn, lr=cfg.lr,
                                 projector_lr=cfg.projector_lr, weight_decay=cfg.weight_decay)
     schedule = LRSchedule(total_steps, cfg.warmup_steps, cfg.min_lr, cfg.lr_schedule)
@@ -221,9 +225,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
     autocast = _autocast(cfg.precision, device)
 
     # ---- the loop
-    eval_every = cfg.eval_interval or stream.steps_per_epoch
-    save_every = cfg.save_interval or stream.steps_per_epoch
-    start_step = step
+    start_step, epoch_done = step, False
     batches = stream.steps()
     trace = open(out / f"examples.rank{env.rank}.jsonl", "a") if cfg.trace_examples else None
     tokens_seen, t_last = 0, time.perf_counter()
@@ -234,15 +236,16 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
             last = step >= total_steps
             lr = schedule.apply(optimizer, step)
 
-            # once in a while: validate (keep the best), checkpoint; always after the last step
-            if step > start_step and (step % eval_every == 0 or last):
+            # once in a while (every N steps, or 0 = each epoch end): validate (keep the best),
+            # checkpoint; both always after the last step
+            if step > start_step and (_due(step, cfg.eval_interval, epoch_done) or last):
                 metrics = evaluate(model, valid, teacher, cfg, env, autocast, student_tok)
                 if metrics:
                     logger.log(step, metrics)
                 value = metrics.get(_best_key(cfg))
                 if value is not None and (best is None or _better(cfg, value, best["value"])):
                     best = {"step": step, "metric": _best_key(cfg), "value": value}
-            if step > start_step and (step % save_every == 0 or last):
+            if step > start_step and (_due(step, cfg.save_interval, epoch_done) or last):
                 _save(out, step, model, student_tok, optimizer, schedule, stream, best, cfg, env)
             if last:
                 break
@@ -271,6 +274,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            epoch_done = stream.micro >= stream.micro_per_epoch(epoch)
 
             # log every term as a mean per label token of the global batch
             if step % cfg.log_interval == 0 or step == total_steps or step == start_step + 1:
@@ -384,6 +388,10 @@ def _rouge(student, tok, cfg: DistillConfig) -> float:
     scores = [rouge_l(t, e.references) for t, e in zip(texts, examples)]
     return 100.0 * sum(scores) / max(1, len(scores)) if max(scores, default=0) <= 1 else \
         sum(scores) / max(1, len(scores))
+
+
+def _due(step: int, interval: int, epoch_done: bool) -> bool:
+    return step % interval == 0 if interval > 0 else epoch_done
 
 
 def _best_key(cfg: DistillConfig) -> str:

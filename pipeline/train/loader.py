@@ -48,6 +48,7 @@ class PlanConfig:
     shuffle: bool = True
     shuffle_buffer: int = 1024
     block_size: int = 256
+    batch_tokens: int | None = None  # padded-token budget per rank per micro-batch (else batch_size)
 
     @property
     def global_batch(self) -> int:
@@ -74,8 +75,11 @@ def epoch_order(num_rows: int, plan: PlanConfig, epoch: int) -> Iterator[int]:
     yield from buf
 
 
-def micro_batches_per_epoch(num_rows: int, plan: PlanConfig) -> int:
-    return -(-num_rows // plan.global_batch)
+def micro_batches_per_epoch(num_rows: int, plan: PlanConfig, epoch: int = 0,
+                            lengths: np.ndarray | None = None) -> int:
+    if plan.batch_tokens is None:
+        return -(-num_rows // plan.global_batch)
+    return sum(1 for _ in global_micro_batches(num_rows, plan, epoch, lengths=lengths))
 
 
 def rank_slice(global_rows: list[int], rank: int, world: int) -> tuple[list[int], bool]:
@@ -87,14 +91,29 @@ def rank_slice(global_rows: list[int], rank: int, world: int) -> tuple[list[int]
     return global_rows[:1], True  # nothing left for this rank: one fully-masked padding row
 
 
-def global_micro_batches(num_rows: int, plan: PlanConfig, epoch: int,
-                         start: int = 0) -> Iterator[tuple[int, list[int]]]:
-    """(m, rows) for global micro-batch m >= start of `epoch`."""
+def global_micro_batches(num_rows: int, plan: PlanConfig, epoch: int, start: int = 0,
+                         lengths: np.ndarray | None = None) -> Iterator[tuple[int, list[int]]]:
+    """(m, rows) for global micro-batch m >= start of `epoch`.
+
+    With `plan.batch_tokens`, a global batch grows while each rank's share, padded to the longest
+    row so far, stays within the budget (`lengths[i]` = tokens of row i); else it has
+    batch_size × world_size rows.
+    """
+    if plan.batch_tokens is not None and lengths is None:
+        raise ValueError("batch_tokens needs the row lengths")
     order = epoch_order(num_rows, plan, epoch)
-    m, cur = 0, []
+    m, cur, longest = 0, [], 0
     for i in order:
+        if plan.batch_tokens is not None:
+            n_i = int(lengths[i])
+            per_rank = -(-(len(cur) + 1) // plan.world_size)
+            if cur and per_rank * max(longest, n_i) > plan.batch_tokens:
+                if m >= start:
+                    yield m, cur
+                m, cur, longest = m + 1, [], 0
+            longest = max(longest, n_i)
         cur.append(i)
-        if len(cur) == plan.global_batch:
+        if plan.batch_tokens is None and len(cur) == plan.global_batch:
             if m >= start:
                 yield m, cur
             m, cur = m + 1, []
@@ -118,15 +137,15 @@ class RankStream(IterableDataset):
 
     def __init__(self, source: RowSource, plan: PlanConfig, rank: int,
                  build: Callable[[list[Any], bool], tuple[list[str], dict[str, Any]]],
-                 epoch: int = 0, start: int = 0):
+                 epoch: int = 0, start: int = 0, lengths: np.ndarray | None = None):
         self.source, self.plan, self.rank, self.build = source, plan, rank, build
-        self.epoch, self.start = epoch, start
+        self.epoch, self.start, self.lengths = epoch, start, lengths
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for m, rows in global_micro_batches(self.source.num_rows, self.plan, self.epoch,
-                                            self.start):
+                                            self.start, self.lengths):
             if (m - self.start) % nw != wid:
                 continue
             mine, padding = rank_slice(rows, self.rank, self.plan.world_size)
@@ -148,13 +167,29 @@ class BatchStream:
 
     def __init__(self, source: RowSource, plan: PlanConfig, rank: int, build: Callable,
                  grad_accum: int = 1, num_workers: int = 0, prefetch: int = 2,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, lengths: np.ndarray | None = None):
         self.source, self.plan, self.rank, self.build = source, plan, rank, build
         self.grad_accum, self.num_workers = grad_accum, num_workers
-        self.prefetch, self.pin_memory = prefetch, pin_memory
-        self.micro_per_epoch = micro_batches_per_epoch(source.num_rows, plan)
-        self.steps_per_epoch = -(-self.micro_per_epoch // grad_accum)
+        self.prefetch, self.pin_memory, self.lengths = prefetch, pin_memory, lengths
+        self._micro: dict[int, int] = {}
         self.epoch, self.micro = 0, 0
+
+    def micro_per_epoch(self, epoch: int) -> int:
+        """Global micro-batches of `epoch` (the same every epoch unless batching by tokens)."""
+        if epoch not in self._micro:
+            self._micro[epoch] = micro_batches_per_epoch(self.source.num_rows, self.plan, epoch,
+                                                         self.lengths)
+        return self._micro[epoch]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return -(-self.micro_per_epoch(epoch) // self.grad_accum)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.steps_in_epoch(0)
+
+    def total_steps(self, epochs: int) -> int:
+        return sum(self.steps_in_epoch(e) for e in range(epochs))
 
     @property
     def position(self) -> dict[str, int]:
@@ -170,12 +205,16 @@ class BatchStream:
                  "rows": rank_rows(self.plan, self.rank)} for w in range(nw)]
 
     def _loader(self) -> DataLoader:
-        ds = RankStream(self.source, self.plan, self.rank, self.build, self.epoch, self.micro)
+        ds = RankStream(self.source, self.plan, self.rank, self.build, self.epoch, self.micro,
+                        self.lengths)
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch, "persistent_workers": False}
+        # Own generator: DataLoader draws a base seed per iterator, which must not move the
+        # global RNG (a resumed run creates its iterator at another point than the original).
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, collate_fn=_identity, **kw)
+                          pin_memory=self.pin_memory, collate_fn=_identity,
+                          generator=torch.Generator(), **kw)
 
     def steps(self) -> Iterator[tuple[int, list[MicroBatch]]]:
         while True:
@@ -183,7 +222,7 @@ class BatchStream:
             for mb in self._loader():
                 group.append(mb)
                 self.micro = mb.index + 1
-                if len(group) == self.grad_accum or self.micro == self.micro_per_epoch:
+                if len(group) == self.grad_accum or self.micro == self.micro_per_epoch(self.epoch):
                     yield self.epoch, group
                     group = []
             self.epoch, self.micro = self.epoch + 1, 0
@@ -191,7 +230,8 @@ class BatchStream:
 
 def rank_rows(plan: PlanConfig, rank: int) -> str:
     """Human-readable note for checkpoints: which slice of each global batch this rank takes."""
-    return f"slice {rank}/{plan.world_size} of each global micro-batch of {plan.global_batch}"
+    size = f"≤ {plan.batch_tokens} padded tokens" if plan.batch_tokens else str(plan.global_batch)
+    return f"slice {rank}/{plan.world_size} of each global micro-batch ({size})"
 
 
 def to_device(tensors: dict[str, Any], device: torch.device) -> dict[str, Any]:

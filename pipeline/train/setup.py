@@ -79,6 +79,8 @@ def check_config(cfg: Any) -> RunInputs:
     for name in ("batch_size", "grad_accum", "epochs", "log_interval", "shuffle_buffer", "block_size"):
         if getattr(cfg, name) < 1:
             errs.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be ≥ 1")
+    if cfg.batch_tokens is not None and cfg.batch_tokens < 2:
+        errs.append(f"--batch-tokens {cfg.batch_tokens}: must be ≥ 2")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         errs.append(f"--max-steps {cfg.max_steps}: must be ≥ 1")
     if cfg.limit is not None and cfg.limit < 1:
@@ -234,34 +236,36 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
         return (source, build) if split == "train" else (source, build, None)
     if not data:
         return None
-    examples = _load_tokenizable(data, cfg, inp, student_tok, teacher.tokenizer
-                                 if inp.mode == "online" else None)
+    examples, lengths = _load_tokenizable(data, cfg, inp, student_tok, teacher.tokenizer
+                                          if inp.mode == "online" else None)
     online = inp.mode == "online" and with_teacher
     build = BatchBuilder(**common, teacher_tokenizer=teacher.tokenizer if online else None,
                          teacher_pad_id=teacher.pad_id, with_teacher=online)
     if split == "train":
         if online and loss.needs_same_vocab:
             _check_same_vocab_tokenizers(examples[0], student_tok, teacher.tokenizer, inp, cfg.method)
-        return ExampleSource(examples), build
+        return ExampleSource(examples, lengths), build
     # A KD run validated on a data file without teacher signal: report the student CE only.
     override = None if online or not with_teacher else SFTLoss()
-    return ExampleSource(examples), build, override
+    return ExampleSource(examples, lengths), build, override
 
 
 def _load_tokenizable(path: str, cfg: Any, inp: RunInputs, student_tok: Any,
-                      teacher_tok: Any) -> list[Example]:
-    """Examples that both tokenizers can fit in --max-len (others follow --on-bad-row)."""
+                      teacher_tok: Any) -> tuple[list[Example], list[int]]:
+    """Examples that both tokenizers can fit in --max-len (others follow --on-bad-row), with
+    their student token counts."""
     bad = BadRows(path, cfg.on_bad_row)
     examples = load_examples(path, field_map=cfg.field_map, template=inp.template,
                              on_bad_row=cfg.on_bad_row, tokenizer=student_tok, bad_rows=bad,
                              limit=cfg.limit)
-    kept = []
+    kept, lengths = [], []
     for ex in examples:
         try:
-            for tok in (student_tok, teacher_tok):
-                if tok is not None:
-                    tokenize_example(ex, tok, inp.max_prompt_len, inp.max_len)
+            n = tokenize_example(ex, student_tok, inp.max_prompt_len, inp.max_len).num_tokens
+            if teacher_tok is not None:
+                tokenize_example(ex, teacher_tok, inp.max_prompt_len, inp.max_len)
             kept.append(ex)
+            lengths.append(n)
         except TokenizeError as e:
             bad.handle(ex.row, str(e), ex.prompt[:200])
     if not kept:
@@ -269,7 +273,7 @@ def _load_tokenizable(path: str, cfg: Any, inp: RunInputs, student_tok: Any,
     if bad.skipped:  # one report per data file: skipped_rows.<file>.jsonl in the run dir
         report = bad.write_report(cfg.out)
         report.replace(report.with_name(f"skipped_rows.{Path(path).stem}.jsonl"))
-    return kept
+    return kept, lengths
 
 
 def _check_same_vocab(source: CacheSource, student_tok: Any, inp: RunInputs, method: str) -> None:

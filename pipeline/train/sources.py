@@ -39,9 +39,16 @@ def text_hash(text: str) -> str:
 class ExampleSource:
     """Examples of a data file held in memory (data files are small; caches are not)."""
 
-    def __init__(self, examples: Sequence[Example]):
+    def __init__(self, examples: Sequence[Example], lengths: Sequence[int] | None = None):
         self.examples = list(examples)
         self.num_rows = len(self.examples)
+        self._lengths = None if lengths is None else np.asarray(lengths)
+
+    def lengths(self) -> np.ndarray:
+        """Student tokens per example (for --batch-tokens)."""
+        if self._lengths is None:
+            raise ValueError("this data source was built without token lengths")
+        return self._lengths
 
     def fetch(self, indices: Sequence[int]) -> list[Example]:
         return [self.examples[i] for i in indices]

@@ -366,3 +366,12 @@ def test_method_matrix_trains(world, tmp_path, method, student, extra):
     rows = train_rows(tmp_path / "r")
     assert len(rows) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"] + 1.0  # no blow-up
+
+
+def test_token_budget_batching(world, tmp_path):
+    run(cfg(world, tmp_path / "r", method="sft", data=str(world["train"]), batch_tokens=300,
+            max_steps=None, epochs=1, trace_examples=True))
+    traced = [json.loads(x) for x in (tmp_path / "r" / "examples.rank0.jsonl").read_text().splitlines()]
+    ids = [i for row in traced for i in row["ids"]]
+    assert len(ids) == N_TRAIN == len(set(ids))
+    assert len(traced) > N_TRAIN // 8  # short micro-batches: the budget, not a count, cut them

@@ -1,5 +1,6 @@
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -105,3 +106,29 @@ def test_rows_are_fetched_lazily_per_micro_batch():
     it = BatchStream(src, plan, 0, build).steps()
     next(it)
     assert len(src.fetched) == 2  # planning touched no row data
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_token_budget_batches_cover_the_epoch_within_budget(world):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=97)
+    plan = PlanConfig(batch_size=1, world_size=world, seed=2, shuffle_buffer=16, block_size=8,
+                      batch_tokens=150)
+    seen = []
+    for m, rows in global_micro_batches(97, plan, 0, lengths=lengths):
+        for r in range(world):
+            mine, pad = rank_slice(rows, r, world)
+            if not pad:
+                seen += mine
+                assert len(mine) == 1 or len(mine) * max(lengths[mine]) <= 150
+    assert sorted(seen) == list(range(97))
+    streams = [BatchStream(ListSource(97), plan, r, build, lengths=lengths) for r in range(world)]
+    counts = {s.micro_per_epoch(0) for s in streams}
+    assert len(counts) == 1 and counts.pop() == len(list(global_micro_batches(97, plan, 0,
+                                                                                lengths=lengths)))
+
+
+def test_token_budget_needs_lengths():
+    plan = PlanConfig(batch_size=1, batch_tokens=100)
+    with pytest.raises(ValueError, match="lengths"):
+        list(global_micro_batches(10, plan, 0))
