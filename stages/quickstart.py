@@ -50,8 +50,8 @@ class Sizes:
 
 
 SIZES = {
-    "tiny": Sizes(teacher_epochs=6, student_epochs=3, batch_size=32, lr=2e-3, teacher_lr=2e-3,
-                  seeds=1, max_new_tokens=40, eval_limit=50),
+    "tiny": Sizes(teacher_epochs=3, student_epochs=2, batch_size=32, lr=3e-3, teacher_lr=3e-3,
+                  seeds=1, max_new_tokens=32, eval_limit=40),
     "small": Sizes(teacher_epochs=12, student_epochs=8, batch_size=32, lr=1e-3, teacher_lr=1e-3,
                    seeds=3, max_new_tokens=48, eval_limit=None),
 }
@@ -84,6 +84,9 @@ def run(cfg: QuickstartConfig) -> Path:
     from dskd.pipeline.toyworld import build_toy_world
     from dskd.stages import cache_teacher, distill, evaluate
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file load/save bars of tiny models are noise here
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
