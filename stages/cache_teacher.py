@@ -84,6 +84,7 @@ class RunStats:
     bytes: int = 0
     total_s: float = 0.0  # the whole stage: data, tokenizer, teacher load, head check, shards
     wall_s: float = 0.0  # the shard loop
+    cpu_s: float = 0.0  # CPU time of the whole process (all threads) during the shard loop
     forward_s: float = 0.0  # backend hidden states
     head_s: float = 0.0  # head step + encode + copy to host
     write_s: float = 0.0  # shard commits, in the writer thread
@@ -304,7 +305,7 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
     """Forward + head step per length-bucketed batch; each finished shard is committed by a
     background thread while the teacher moves on to the next one (at most one shard waits)."""
     n_todo = sum(ranges[i][1] - ranges[i][0] for i in todo)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     pending: Future | None = None
     columns = [TextColumn(f"cache-teacher [{slot + 1}/{n_slots}]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[tps]:,.0f} tok/s  {task.fields[mb]:,.1f} MB"),
@@ -334,6 +335,7 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
             pending.result()
         bar.update(task, mb=stats.bytes / 1e6)
     stats.wall_s = time.perf_counter() - t0
+    stats.cpu_s = time.process_time() - c0
 
 
 def _commit(writer: ShardWriter, stats: RunStats) -> None:

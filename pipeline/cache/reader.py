@@ -1,10 +1,12 @@
 """Cache reader for stage 2: iterate examples (all, or some shards for a rank/worker), look one up
 by id, resume from a (shard, row) position. Per-example text and ids are zero-copy views of the
-memory-mapped Arrow file; per-token arrays are read from Zarr a block of examples at a time.
+memory-mapped Arrow file; per-token arrays are memory-mapped Zarr shard files (read through zarr
+when a layout does not allow it), sliced a block of examples at a time.
 """
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,15 +63,64 @@ class CachedExample:
         return self.response_mask[1:]
 
 
-class _Shard:
-    """Open handles of one shard: the mmapped Arrow table and the Zarr arrays."""
+def open_array(path: Path, use_mmap: bool = True) -> np.ndarray | zarr.Array:
+    """A shard's Zarr array, memory-mapped when its layout allows (the writer's layout always
+    does: one Zarr shard of uncompressed full-width inner chunks stored in order, so the file
+    starts with the rows in row-major order), else opened through zarr. Either way, slicing gives
+    numpy rows; the mmap path copies nothing until you do."""
+    meta = json.loads((path / "zarr.json").read_text())
+    if use_mmap and (arr := _mmap_array(path, meta)) is not None:
+        return arr
+    return zarr.open_array(str(path), mode="r", zarr_format=3)
 
-    def __init__(self, path: Path, record: dict[str, Any], hidden_dtype: str):
+
+def _mmap_array(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
+    shape = tuple(meta["shape"])
+    codecs = meta["codecs"]
+    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed" or meta["fill_value"] != 0:
+        return None
+    conf = codecs[0]["configuration"]
+    inner = conf["codecs"]
+    if (len(inner) != 1 or inner[0]["name"] != "bytes"
+            or inner[0].get("configuration", {}).get("endian", "little") != "little"
+            or conf.get("index_location", "end") != "end"):
+        return None
+    rows = conf["chunk_shape"][0]
+    if (list(conf["chunk_shape"][1:]) != list(shape[1:])
+            or meta["chunk_grid"]["configuration"]["chunk_shape"][0] < shape[0]):
+        return None
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    if shape[0] == 0:
+        return np.zeros(shape, dtype)
+    f = path / "c" / "/".join("0" * len(shape))
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    n_chunks = -(-shape[0] // rows)
+    index_bytes = n_chunks * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
+    size = f.stat().st_size
+    if size != n_chunks * rows * row_bytes + index_bytes:
+        return None
+    with open(f, "rb") as fh:
+        fh.seek(size - index_bytes)
+        index = np.frombuffer(fh.read(n_chunks * 16), "<u8").reshape(n_chunks, 2)
+    chunk = rows * row_bytes
+    if not (np.array_equal(index[:, 0], np.arange(n_chunks, dtype=np.uint64) * chunk)
+            and (index[:, 1] == chunk).all()):
+        return None
+    return np.memmap(f, dtype=dtype, mode="r", shape=shape)
+
+
+class _Shard:
+    """Open handles of one shard: the mmapped Arrow table and the per-token arrays."""
+
+    def __init__(self, path: Path, record: dict[str, Any], hidden_dtype: str,
+                 fields: Collection[str], use_mmap: bool = True):
         self.record = record
         self.hidden_dtype = hidden_dtype
         self.table = pa.ipc.open_file(pa.memory_map(str(path / EXAMPLES_FILE), "r")).read_all()
-        self.group = zarr.open_group(str(path), mode="r", zarr_format=3)
-        self.token_offsets = self.group[TOKEN_OFFSETS][:]
+        names = set(fields) | ({"hidden_scale"} if "hidden" in fields and hidden_dtype == "fp8"
+                               else set())
+        self.arrays = {n: open_array(path / n, use_mmap) for n in sorted(names)}
+        self.token_offsets = np.asarray(open_array(path / TOKEN_OFFSETS, use_mmap)[:])
         self.ids = self.table.column("example_id").to_pylist()
         # Column buffers flattened once; each example is a slice (no copy).
         self._input_ids = self.table.column("input_ids").combine_chunks()
@@ -85,11 +136,11 @@ class _Shard:
         block: dict[str, np.ndarray] = {}
         for name in fields:
             if name == "hidden":
-                codes = self.group["hidden"][a:b]
-                scale = self.group["hidden_scale"][a:b] if self.hidden_dtype == "fp8" else None
+                codes = self.arrays["hidden"][a:b]
+                scale = self.arrays["hidden_scale"][a:b] if self.hidden_dtype == "fp8" else None
                 block[name] = decode_hidden(codes, self.hidden_dtype, scale)
             else:
-                block[name] = self.group[name][a:b]
+                block[name] = self.arrays[name][a:b]
         cols = {c: self.table.column(c) for c in ("example_id", "index", "prompt", "response",
                                                   "prompt_len")}
         out = []
@@ -122,7 +173,7 @@ class CacheReader:
     student can skip ``hidden``, by far the largest)."""
 
     def __init__(self, path: str | Path, fields: Collection[str] | None = None,
-                 allow_incomplete: bool = False, max_open_shards: int = 4):
+                 allow_incomplete: bool = False, max_open_shards: int = 4, use_mmap: bool = True):
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
         if not self.manifest["complete"] and not allow_incomplete:
@@ -147,6 +198,7 @@ class CacheReader:
         self._by_index = {s["index"]: s for s in self.shards}
         self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._max_open = max_open_shards
+        self._use_mmap = use_mmap
         self._id_index: dict[str, tuple[int, int]] | None = None
         # Examples per read: about one inner chunk of the widest array.
         row_bytes = self.layout["hidden_size"] * 2
@@ -201,6 +253,31 @@ class CacheReader:
             raise KeyError(f"example {example_id!r} is not in cache {self.path}")
         return self.at(*self._id_index[example_id])
 
+    def block_bounds(self, shard: int) -> np.ndarray:
+        """Row boundaries of a shard's read blocks (each about one Zarr chunk of token rows):
+        block j is rows ``bounds[j]:bounds[j+1]``. Reading a whole block costs about what one of
+        its rows does, so loaders with an LRU of blocks should cache by these bounds."""
+        sh = self._shard(shard)
+        bounds, r = [0], 0
+        while r < len(sh):
+            r = self._block_end(sh, r)
+            bounds.append(r)
+        return np.asarray(bounds)
+
+    def read_rows(self, shard: int, rows: range) -> list[CachedExample]:
+        """Examples ``rows`` (contiguous) of one shard, each per-token field read once for all."""
+        sh = self._shard(shard)
+        if not 0 <= rows.start <= rows.stop <= len(sh):
+            raise CacheError(f"{self.path}: shard {shard} has {len(sh)} rows, asked for {rows}")
+        return sh.examples(rows, self.fields, shard)
+
+    def read_block(self, shard: int, row: int, bounds: np.ndarray | None = None
+                   ) -> tuple[int, list[CachedExample]]:
+        """(first row, examples) of the read block holding ``row``."""
+        bounds = self.block_bounds(shard) if bounds is None else bounds
+        j = int(np.searchsorted(bounds, row, side="right")) - 1
+        return int(bounds[j]), self.read_rows(shard, range(int(bounds[j]), int(bounds[j + 1])))
+
     def example_ids(self) -> list[str]:
         return [eid for s in self.shards for eid in self._shard(s["index"]).ids]
 
@@ -217,7 +294,8 @@ class CacheReader:
         if index not in self._by_index:
             raise CacheError(f"{self.path}: shard {index} is not committed in the manifest")
         rec = self._by_index[index]
-        sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout["hidden_dtype"])
+        sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout["hidden_dtype"],
+                    self.fields, self._use_mmap)
         self._open[index] = sh
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -232,8 +310,6 @@ def load_head(path: str | Path, device: str | None = None) -> dict[str, Any]:
     """The tensors of head.safetensors: ``lm_head.weight`` (V, D_t), ``lm_head.bias`` if the model
     has one, ``embed_tokens.weight`` (V_in, D_t; the same tensor as the head when tied). Logits =
     (hidden @ weight.T + bias) * manifest ``head.logit_scale``."""
-    import json
-
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -65,19 +65,26 @@ def head_step(hidden: torch.Tensor, next_ids: torch.Tensor, head: Head, top_k: i
     step = max(1, max_logit_elems // V)
     parts: list[HeadOutputs] = []
     for a in range(0, hidden.shape[0], step):
-        z = head.logits(hidden[a:a + step])  # (t, V)
-        lse = torch.logsumexp(z, dim=-1)  # (t,)
-        nxt = z.gather(1, next_ids[a:a + step, None])[:, 0] - lse
+        z = head.logits(hidden[a:a + step])  # (t, V), a fresh tensor we may overwrite
+        nxt_logit = z.gather(1, next_ids[a:a + step, None])[:, 0]  # (t,)
         if k > 0:
-            vals, ids = z.topk(k, dim=-1, sorted=True)
-            logp = vals - lse[:, None]
-            if k < V:
-                tail = torch.logsumexp(z.scatter(1, ids, float("-inf")), dim=-1) - lse
-            else:
-                tail = torch.full_like(lse, float("-inf"))
+            vals, ids = z.topk(k, dim=-1, sorted=True)  # (t, k)
         else:
             ids = torch.zeros(z.shape[0], 0, dtype=torch.long, device=z.device)
-            logp = z.new_zeros(z.shape[0], 0)
+            vals = z.new_zeros(z.shape[0], 0)
+        # One exp pass serves both the log-sum-exp and the tail mass: p = exp(z - max), in place.
+        m = z.amax(dim=-1, keepdim=True)  # (t, 1)
+        p = z.sub_(m).exp_()  # (t, V)
+        total = p.sum(dim=-1)  # (t,)
+        lse = m[:, 0] + total.log()
+        nxt = nxt_logit - lse
+        logp = vals - lse[:, None]
+        if 0 < k < V:
+            # the mass outside the top-k, summed directly (1 - Σ top-k would cancel when tiny)
+            tail = p.scatter_(1, ids, 0.0).sum(dim=-1).log() - total.log()
+        elif k >= V:
+            tail = torch.full_like(lse, float("-inf"))
+        else:
             tail = torch.zeros_like(lse)  # all mass is outside an empty top-k: log 1
         parts.append(HeadOutputs(ids.to(torch.int32), logp, lse, tail, nxt))
     if not parts:

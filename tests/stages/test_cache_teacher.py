@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
+
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.lock import CacheLockedError, WriterLock
 from dskd.pipeline.cache.manifest import load_manifest
@@ -26,7 +28,6 @@ from dskd.pipeline.teachers.hf_backend import HFTeacher
 from dskd.pipeline.tokenize import tokenize_example
 from dskd.stages import cache_teacher as stage
 from dskd.stages.cache_teacher import CacheTeacherConfig, run
-from transformers import AutoTokenizer
 
 N, SHARD = 15, 4  # 4 shards, the last one short
 
@@ -76,9 +77,9 @@ def test_cache_holds_the_teacher_and_the_texts(reference, toy_world):
         # the sparse fields agree with the full distribution rebuilt from the cached hidden @ head
         logp = teacher.head().logits(torch.from_numpy(c.hidden)).log_softmax(-1)  # (n-1, V)
         ref_lp, _ = logp.topk(16, dim=-1)
-        worst = max(worst, (ref_lp - torch.from_numpy(c.topk_logprobs)).abs().max().item())
+        worst = max(worst, (ref_lp - torch.tensor(c.topk_logprobs)).abs().max().item())
         nxt = logp.gather(1, torch.tensor(c.input_ids[1:].tolist())[:, None])[:, 0]
-        torch.testing.assert_close(torch.from_numpy(c.next_logprob), nxt, rtol=0, atol=5e-3)
+        torch.testing.assert_close(torch.tensor(c.next_logprob), nxt, rtol=0, atol=5e-3)
         mass = np.exp(c.topk_logprobs).sum(1) + np.exp(c.tail_logprob)
         np.testing.assert_allclose(mass, 1.0, atol=1e-5)
     assert worst < 5e-3, worst

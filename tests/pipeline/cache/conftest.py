@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.manifest import finalize
 from dskd.pipeline.cache.quant import codes_to_numpy, encode_hidden

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.manifest import (
     finalize,

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from dskd.pipeline.cache.quant import (
     FP8_TABLE,
     HiddenRangeError,

@@ -2,6 +2,7 @@
 
 import numpy as np
 import zarr
+
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.inspect import format_inspect, inspect_cache
 from dskd.pipeline.cache.manifest import (

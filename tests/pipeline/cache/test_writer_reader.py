@@ -3,6 +3,7 @@
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from dskd.pipeline.cache import spec
 from dskd.pipeline.cache.manifest import load_manifest
 from dskd.pipeline.cache.reader import CacheReader, load_head
@@ -60,6 +61,12 @@ def test_positions_subsets_and_random_access(synthetic_cache):
     assert r.at(3, 2).example_id == "ex0017"
     with pytest.raises(KeyError, match="ex9999"):
         r.get("ex9999")
+    # blocks: public bounds, and a block read returns the same rows as one-by-one reads
+    bounds = r.block_bounds(2)
+    assert bounds[0] == 0 and bounds[-1] == 5 and (np.diff(bounds) > 0).all()
+    first, block = r.read_block(2, 3, bounds)
+    assert [e.example_id for e in block] == [r.at(2, i).example_id for i in range(first, first + len(block))]
+    assert any(e.row == 3 for e in block)
 
 
 def test_arrow_columns_are_memory_mapped_zero_copy(synthetic_cache):
@@ -95,6 +102,20 @@ def test_incomplete_cache_is_refused_by_default(make_cache):
         CacheReader(out)
     r = CacheReader(out, allow_incomplete=True)
     assert [s["index"] for s in r.shards] == [0, 2] and len(r) == 10
+
+
+@pytest.mark.parametrize("hidden_dtype", ["bf16", "fp8"])
+def test_memory_mapped_arrays_equal_the_zarr_path(make_cache, hidden_dtype):
+    """The fast path (np.memmap of the shard files) and zarr-python read the same values."""
+    out, _, _ = make_cache(hidden_dtype=hidden_dtype)
+    fast, slow = CacheReader(out), CacheReader(out, use_mmap=False)
+    a, b = list(fast), list(slow)
+    sh = fast._shard(0)
+    assert isinstance(sh.arrays["hidden"], np.memmap) and isinstance(sh.arrays["lse"], np.memmap)
+    assert not isinstance(slow._shard(0).arrays["hidden"], np.ndarray)  # a zarr.Array
+    for x, y in zip(a, b):
+        for f in ("hidden", "topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
 
 
 def test_unknown_field_and_head(synthetic_cache):

@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from transformers import CohereConfig, Gemma2Config, LlamaConfig
+
 from dskd.pipeline.teachers.head import (
     Head,
     UnsupportedTeacherError,
@@ -9,7 +11,6 @@ from dskd.pipeline.teachers.head import (
     check_reconstruction,
     head_step,
 )
-from transformers import CohereConfig, Gemma2Config, LlamaConfig
 
 
 def _head(V=97, D=24, bias=True, scale=1.0, seed=0):

@@ -4,9 +4,6 @@ hidden @ head reproduces the model's own logits (the check the stage runs before
 import pytest
 import torch
 import torch.nn.functional as F
-from dskd.pipeline.teachers import TeacherBackend
-from dskd.pipeline.teachers.head import UnsupportedTeacherError, head_from_checkpoint
-from dskd.pipeline.teachers.hf_backend import HFTeacher
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -15,6 +12,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from dskd.pipeline.teachers import TeacherBackend
+from dskd.pipeline.teachers.head import UnsupportedTeacherError, head_from_checkpoint
+from dskd.pipeline.teachers.hf_backend import HFTeacher
 
 
 def _save(model, path):
