@@ -100,6 +100,29 @@ def test_rerun_is_a_noop_mismatch_is_refused_overwrite_restarts(reference, toy_w
     assert load_manifest(out)["layout"]["top_k"] == 8 and verify_cache(out) == []
 
 
+def test_cli_inspect_and_verify(reference, tmp_path):
+    """`dskd cache inspect/verify` on a sound cache, then on one with a corrupted shard."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dskd.cli import app
+
+    out = tmp_path / "c"
+    shutil.copytree(reference, out)
+    r = CliRunner().invoke(app, ["cache", "inspect", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["examples"] == N and info["top_k"] == 16 and info["complete"]
+    r = CliRunner().invoke(app, ["cache", "inspect", str(out)])
+    assert "bytes/token" in r.output and "LlamaForCausalLM" in r.output
+    assert CliRunner().invoke(app, ["cache", "verify", str(out)]).exit_code == 0
+    f = out / spec.SHARDS_DIR / "shard-00002" / "topk_logprobs" / "c" / "0" / "0"
+    f.write_bytes(f.read_bytes()[:-10])
+    r = CliRunner().invoke(app, ["cache", "verify", str(out)])
+    assert r.exit_code == 1 and "shard-00002/topk_logprobs/c/0/0" in r.output
+
+
 def test_lock_refuses_a_second_writer(toy_world, tmp_path):
     out = tmp_path / "c"
     with WriterLock(out), pytest.raises(CacheLockedError, match="already being written"):
