@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from rich.console import Console
@@ -27,13 +27,24 @@ from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
 from dskd.pipeline.train.distiller import Distiller
 from dskd.pipeline.train.loader import BatchStream, PlanConfig, to_device
-from dskd.pipeline.train.logger import (METRICS_FILE, MetricsLogger, train_progress,
-                                        truncate_metrics)
-from dskd.pipeline.train.models import (LoraOptions, gathered_state, load_student, load_tokenizer,
-                                        save_student, write_student)
+from dskd.pipeline.train.logger import METRICS_FILE, MetricsLogger, train_progress, truncate_metrics
+from dskd.pipeline.train.models import (
+    LoraOptions,
+    gathered_state,
+    load_student,
+    load_tokenizer,
+    save_student,
+    write_student,
+)
 from dskd.pipeline.train.optim import LRSchedule, build_optimizer
-from dskd.pipeline.train.setup import (RunInputs, TeacherSide, build_teacher_side, check_config,
-                                       make_source, student_dims)
+from dskd.pipeline.train.setup import (
+    RunInputs,
+    TeacherSide,
+    build_teacher_side,
+    check_config,
+    make_source,
+    student_dims,
+)
 from dskd.pipeline.train.signal import build_signal, round_hidden, teacher_forward, topk_from_hidden
 
 console = Console(stderr=True, soft_wrap=True)
@@ -47,25 +58,25 @@ class DistillConfig:
     # --- what to train on
     student: str = field(default="", metadata={"help": "student model dir (HF, with tokenizer)"})
     out: str = field(default="", metadata={"help": "run dir: checkpoints/, final/, metrics.jsonl"})
-    cache: Optional[str] = field(default=None, metadata={"help": "teacher cache dir (stage 1)"})
-    teacher: Optional[str] = field(default=None, metadata={
+    cache: str | None = field(default=None, metadata={"help": "teacher cache dir (stage 1)"})
+    teacher: str | None = field(default=None, metadata={
         "help": "teacher model dir: distill ONLINE (teacher forward in the loop) from --data"})
-    data: Optional[str] = field(default=None, metadata={
+    data: str | None = field(default=None, metadata={
         "help": "training data file (for --method sft, or online with --teacher)"})
-    valid_cache: Optional[str] = field(default=None, metadata={
+    valid_cache: str | None = field(default=None, metadata={
         "help": "held-out cache for validation loss (same teacher and template as --cache)"})
-    valid_data: Optional[str] = field(default=None, metadata={
+    valid_data: str | None = field(default=None, metadata={
         "help": "held-out data file: validation loss (online/SFT) and generation ROUGE-L"})
-    field_map: Optional[str] = field(default=None, metadata={
+    field_map: str | None = field(default=None, metadata={
         "help": "data columns as canonical=column,... (see pipeline/data.py)"})
-    template: Optional[Literal["dskd", "chat", "none"]] = field(default=None, metadata={
+    template: Literal["dskd", "chat", "none"] | None = field(default=None, metadata={
         "help": "prompt template for data files; with --cache it must match the cache's "
                 "(default: the cache's, else dskd)"})
-    max_prompt_len: Optional[int] = field(default=None, metadata={
+    max_prompt_len: int | None = field(default=None, metadata={
         "help": "prompt tokens kept (default: the cache's, else 256)"})
-    max_len: Optional[int] = field(default=None, metadata={
+    max_len: int | None = field(default=None, metadata={
         "help": "sequence tokens kept (default: the cache's, else 512)"})
-    limit: Optional[int] = field(default=None, metadata={
+    limit: int | None = field(default=None, metadata={
         "help": "use only the first N examples of --data / --valid-data"})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
         "help": "a bad data row stops the run (error) or is skipped and reported (skip)"})
@@ -86,10 +97,10 @@ class DistillConfig:
                 "(to compare a cache with its online reference bit for bit)"})
     # --- optimisation (paper's GPT-2 setting)
     epochs: int = field(default=20, metadata={"help": "passes over the training set"})
-    max_steps: Optional[int] = field(default=None, metadata={
+    max_steps: int | None = field(default=None, metadata={
         "help": "stop after this many optimizer steps (overrides --epochs for the schedule)"})
     batch_size: int = field(default=32, metadata={"help": "examples per micro-batch per process"})
-    batch_tokens: Optional[int] = field(default=None, metadata={
+    batch_tokens: int | None = field(default=None, metadata={
         "help": "instead of --batch-size: padded tokens per micro-batch per process (cache: "
                 "counted in teacher tokens)"})
     grad_accum: int = field(default=1, metadata={
@@ -125,6 +136,8 @@ class DistillConfig:
     shuffle: bool = field(default=True, metadata={"help": "shuffle the training order"})
     shuffle_buffer: int = field(default=1024, metadata={"help": "rows in the shuffle buffer"})
     block_size: int = field(default=256, metadata={"help": "consecutive rows shuffled as a block"})
+    loader_cache_mb: int = field(default=256, metadata={
+        "help": "per loader process: decoded cache blocks kept in memory (bounds RSS)"})
     dense_logits_max_mb: int = field(default=1024, metadata={
         "help": "exact signal: materialise teacher logits up to this size, else chunk them"})
     # --- scale-out
@@ -227,7 +240,8 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
     # ---- the loop
     start_step, epoch_done = step, False
     batches = stream.steps()
-    trace = open(out / f"examples.rank{env.rank}.jsonl", "a") if cfg.trace_examples else None
+    # held for the whole loop, closed after it
+    trace = open(out / f"examples.rank{env.rank}.jsonl", "a") if cfg.trace_examples else None  # noqa: SIM115
     tokens_seen, t_last = 0, time.perf_counter()
     progress = train_progress(env.is_main)
     task = progress.add_task("distill", total=total_steps, completed=step, loss=float("nan"), tps=0)

@@ -33,8 +33,8 @@ class Distiller(nn.Module):
 
     def student_batch(self, t: dict[str, Tensor]) -> StudentBatch:
         model = hf_model(self.student)
-        inputs = dict(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                      position_ids=t["position_ids"], use_cache=False)
+        inputs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
+                      "position_ids": t["position_ids"], "use_cache": False}
         head = model.get_output_embeddings()
         sb = StudentBatch(labels=t["labels"], input_ids=t["input_ids"])
         if self.lazy_logits:

@@ -12,8 +12,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -56,7 +62,8 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 self._tb = None
-        self._f = open(self.path, "a", encoding="utf-8") if enabled else None
+        # held for the whole run (closed in close()); each row is flushed as written
+        self._f = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -7,8 +7,8 @@ for the student, 1e-3 for the projectors, cosine annealing to 1e-7, no warmup by
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -87,5 +87,5 @@ class LRSchedule:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "LRSchedule":
+    def from_state_dict(cls, state: dict) -> LRSchedule:
         return cls(**state)

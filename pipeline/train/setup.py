@@ -222,13 +222,13 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
     """(source, batch builder) for `split` ("train"); for "valid": (source, builder, loss
     override or None), or None when there is no validation set."""
     with_teacher = cfg.method != "sft"
-    common = dict(student_tokenizer=student_tok, max_prompt_len=inp.max_prompt_len,
-                  max_len=inp.max_len, same_length=cfg.method == "uld")
+    common = {"student_tokenizer": student_tok, "max_prompt_len": inp.max_prompt_len,
+                  "max_len": inp.max_len, "same_length": cfg.method == "uld"}
     cache = cfg.cache if split == "train" else cfg.valid_cache
     data = cfg.data if split == "train" else cfg.valid_data
     if inp.mode == "cache" and cache:
         fields = cache_fields(cfg, loss)
-        source = CacheSource(cache, fields)
+        source = CacheSource(cache, fields, cache_mb=cfg.loader_cache_mb)
         if split == "train" and loss.needs_same_vocab:
             _check_same_vocab(source, student_tok, inp, cfg.method)
         build = BatchBuilder(**common, teacher_pad_id=0, teacher_fields=tuple(fields),

@@ -24,6 +24,8 @@ from ..data import Example
 from ..tokenize import TokenizedExample, tokenize_text
 from .collate import collate_tokens, pad_rows
 
+MAX_OPEN_SHARDS = 8
+
 
 class AlignmentError(ValueError):
     """A student example and a teacher row that are not the same example."""
@@ -68,7 +70,7 @@ class CacheSource:
         self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
         self._lru_bytes: dict[tuple[int, int], int] = {}
         self._bounds: dict[int, np.ndarray] = {}
-        reader = CacheReader(self.path, fields=self.fields)
+        reader = CacheReader(self.path, fields=self.fields, max_open_shards=MAX_OPEN_SHARDS)
         self.manifest = reader.manifest
         self.shards = [(s["index"], s["name"], s["n_examples"]) for s in reader.shards]
         self.starts = np.cumsum([0] + [n for _, _, n in self.shards])
@@ -84,7 +86,11 @@ class CacheSource:
 
     def reader(self) -> CacheReader:
         if self._reader is None or self._pid != os.getpid():
-            self._reader, self._pid = CacheReader(self.path, fields=self.fields), os.getpid()
+            # Shards are memory-mapped: each open one keeps the pages it has served mapped
+            # (file-backed, reclaimable), so a few open shards bound that part of the memory.
+            self._reader = CacheReader(self.path, fields=self.fields,
+                                       max_open_shards=MAX_OPEN_SHARDS)
+            self._pid = os.getpid()
             self._lru.clear()
             self._lru_bytes.clear()
         return self._reader
@@ -114,10 +120,10 @@ class CacheSource:
         return [got[self.locate(i)] for i in indices]
 
     def _read_rows(self, shard_index: int, rows: list[int]) -> list[CachedExample]:
-        """Rows of one shard through an LRU of decoded blocks (~one Zarr chunk of tokens each).
+        """Rows of one shard through an LRU of decoded read blocks (~one Zarr chunk each).
 
         A shuffle window keeps drawing from the same few blocks for many micro-batches, so most
-        rows come from memory; memory stays under `cache_mb` whatever the cache size.
+        rows come from memory; decoded blocks stay under `cache_mb` whatever the cache size.
         """
         out = []
         for r in rows:
@@ -127,22 +133,15 @@ class CacheSource:
 
     def _block(self, shard_index: int, row: int) -> tuple[int, list[CachedExample]]:
         reader = self.reader()
-        # TODO(cache helper): public `CacheReader.read_block(shard, row)` would replace these
-        # uses of the reader's shard handle and block rule.
-        sh = reader._shard(shard_index)
         bounds = self._bounds.get(shard_index)
         if bounds is None:
-            bounds, r = [0], 0
-            while r < len(sh):
-                r = reader._block_end(sh, r)
-                bounds.append(r)
-            self._bounds[shard_index] = bounds = np.asarray(bounds)
+            bounds = self._bounds[shard_index] = reader.block_bounds(shard_index)
         k = int(np.searchsorted(bounds, row, side="right")) - 1
         key = (shard_index, int(bounds[k]))
         if key in self._lru:
             self._lru.move_to_end(key)
             return key[1], self._lru[key]
-        block = sh.examples(range(int(bounds[k]), int(bounds[k + 1])), reader.fields, shard_index)
+        block = reader.read_rows(shard_index, range(key[1], int(bounds[k + 1])))
         self._lru[key] = block
         self._lru_bytes[key] = sum(a.nbytes for ex in block for a in
                                    (getattr(ex, f) for f in reader.fields) if a is not None)

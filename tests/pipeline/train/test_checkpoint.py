@@ -14,9 +14,9 @@ def _parts(step, fail=False):
         if fail:
             raise OSError("disk full")
 
-    return dict(save_student=save_student, projectors={"w": torch.ones(2, 2) * step},
-                optimizer={"state": {}, "param_groups": []}, trainer={"step": step},
-                rng=[ck.rng_state()])
+    return {"save_student": save_student, "projectors": {"w": torch.ones(2, 2) * step},
+                "optimizer": {"state": {}, "param_groups": []}, "trainer": {"step": step},
+                "rng": [ck.rng_state()]}
 
 
 def test_save_load_round_trip(tmp_path):

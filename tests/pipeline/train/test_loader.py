@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from dskd.pipeline.train.loader import (BatchStream, PlanConfig, epoch_order,
-                                        global_micro_batches, micro_batches_per_epoch, rank_slice)
+from dskd.pipeline.train.loader import (
+    BatchStream,
+    PlanConfig,
+    epoch_order,
+    global_micro_batches,
+    micro_batches_per_epoch,
+    rank_slice,
+)
 
 
 class ListSource:

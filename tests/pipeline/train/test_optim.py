@@ -1,7 +1,7 @@
+import itertools
 import math
 
 import pytest
-import torch
 from torch import nn
 
 from dskd.pipeline.train.optim import LRSchedule, build_optimizer
@@ -42,7 +42,7 @@ def test_cosine_with_warmup_reaches_the_floor():
     assert s.lr(1.0, 110) == pytest.approx(1e-7)
     assert s.lr(1.0, 500) == pytest.approx(1e-7)
     lrs = [s.lr(1.0, k) for k in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay after warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs))  # monotone decay after warmup
 
 
 def test_schedule_applies_per_group_peaks_and_round_trips():

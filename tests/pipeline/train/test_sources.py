@@ -9,8 +9,14 @@ from dskd.pipeline.cache.reader import CacheReader
 from dskd.pipeline.cache.spec import CacheError
 from dskd.pipeline.data import load_examples
 from dskd.pipeline.tokenize import model_inputs, tokenize_text
-from dskd.pipeline.train.sources import (AlignmentError, BatchBuilder, CacheSource,
-                                         ExampleSource, check_row, check_shards_present)
+from dskd.pipeline.train.sources import (
+    AlignmentError,
+    BatchBuilder,
+    CacheSource,
+    ExampleSource,
+    check_row,
+    check_shards_present,
+)
 
 
 def test_cache_source_addresses_rows_across_shards(tiny_cache):
