@@ -38,7 +38,8 @@ READABLE = ("hidden", "topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_
 @dataclass
 class CachedExample:
     """One cached example. Per-token arrays have n - 1 rows; row k predicts input_ids[k + 1].
-    A field not requested from the reader is None."""
+    A field not requested from the reader is None. Arrays other than ``hidden`` (decoded to a
+    fresh float32 array) are read-only views of memory-mapped files: copy before writing."""
 
     example_id: str
     index: int  # position in the dataset
