@@ -222,16 +222,16 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
     schedule = LRSchedule(total_steps, cfg.warmup_steps, cfg.min_lr, cfg.lr_schedule)
     step, best = 0, None
     if ckpt_state:  # ---- resume: optimizer, data position, RNG of this rank
-        t = ckpt_state["trainer"]
+        saved = ckpt_state["trainer"]
         _load_optimizer(model, optimizer, ckpt_state["optimizer"])
-        step, best = t["step"], t.get("best")
-        stream.seek(**t["position"])
+        step, best = saved["step"], saved.get("best")
+        stream.seek(**saved["position"])
         rngs = ckpt_state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
         if env.is_main:  # logs of steps after the checkpoint are redone: drop them
             for f in [METRICS_FILE] + [p.name for p in out.glob("examples.rank*.jsonl")]:
                 truncate_metrics(out, step, f)
-        say(f"resumed from {resume_from.name} (step {step}, epoch {t['position']['epoch']})")
+        say(f"resumed from {resume_from.name} (step {step}, epoch {saved['position']['epoch']})")
     if env.is_main:
         save_config(cfg, out)
     logger = MetricsLogger(out, enabled=env.is_main, tensorboard=cfg.tensorboard)
@@ -273,17 +273,17 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
                 float(sum(int(mb.tensors["labels"].ne(-100).sum()) for mb in group)))).item()
             # official batch_denom: label tokens of the global batch / (accum × world)
             batch_denom = max(n_label, 1.0) / (len(group) * env.world_size)
-            sums: dict[str, float] = {}
+            sums: dict[str, torch.Tensor] = {}  # kept on the device: no sync per micro-batch
             for i, mb in enumerate(group):
+                tokens_seen += int(mb.tensors["attention_mask"].sum())  # CPU tensor, no sync
                 t = to_device(mb.tensors, device)
-                tokens_seen += int(t["attention_mask"].sum())
                 with _grad_sync(model, i == len(group) - 1), autocast:
                     signal = teacher_signal(teacher, t, cfg, loss_fn)
                     res = model(t, signal, batch_denom)
                 # Σ_micro loss/accum, averaged over ranks by DDP = Σ loss_sum / n_label
                 (res.loss / len(group)).backward()
                 for k, v in res.terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
             grad_norm = _clip(model, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -293,14 +293,17 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
             # log every term as a mean per label token of the global batch
             if step % cfg.log_interval == 0 or step == total_steps or step == start_step + 1:
                 keys = sorted(sums)
-                red = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [tokens_seen],
-                                                       dtype=torch.float64))
+                red = dist.all_reduce_sum(torch.stack(
+                    [sums[k].to(device) for k in keys]
+                    + [torch.tensor(float(tokens_seen), dtype=torch.float64, device=device)]
+                    + [grad_norm.to(device, torch.float64)])).cpu()
                 now = time.perf_counter()
-                tps = red[-1].item() / max(now - t_last, 1e-9)
+                tps = red[-2].item() / max(now - t_last, 1e-9)
                 row = {k: red[j].item() / max(n_label, 1.0) for j, k in enumerate(keys)}
                 row["loss"] = row.pop("loss_sum")
                 row.update(epoch=epoch, lr=lr, projector_lr=optimizer.param_groups[1]["lr"],
-                           grad_norm=grad_norm, tokens_per_s=tps, label_tokens=n_label)
+                           grad_norm=red[-1].item() / env.world_size,  # the same on every rank
+                           tokens_per_s=tps, label_tokens=n_label)
                 logger.log(step, row)
                 progress.update(task, completed=step, loss=row["loss"], tps=tps)
                 tokens_seen, t_last = 0, now
@@ -433,7 +436,9 @@ def _grad_sync(model, sync: bool):
     return contextlib.nullcontext()
 
 
-def _clip(model, max_norm: float) -> float:
+def _clip(model, max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (0 = no clipping); the total grad norm before clipping, as a tensor
+    (read only when logged: no device sync per step)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -441,7 +446,7 @@ def _clip(model, max_norm: float) -> float:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(norm, "full_tensor"):  # FSDP2 DTensor
         norm = norm.full_tensor()
-    return float(norm)
+    return norm.detach()
 
 
 def _prepare_run_dir(cfg: DistillConfig, out: Path, env: dist.DistEnv) -> Path | None:

@@ -70,16 +70,15 @@ def barrier() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (identity in one process); returns it."""
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    """The sum of `t` over ranks (`t` itself in one process), on `t`'s device.
 
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
+    nccl reduces CUDA tensors only, so a CPU tensor (a token count) takes a round trip.
+    """
+    if not dist.is_initialized():
+        return t
+    x = t.cuda() if dist.get_backend() == "nccl" and t.device.type != "cuda" else t.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.to(t.device)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -85,7 +85,10 @@ def test_sft_from_a_data_file_writes_a_loadable_student(world, tmp_path):
 
 def test_lr_schedule_and_two_param_groups_are_logged(world, tmp_path):
     run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="dskd", max_steps=4,
-            warmup_steps=1))
+            warmup_steps=1, valid_data=str(world["valid"]), eval_interval=4))
+    # a data file validates a cache run on the student CE only (it has no teacher signal)
+    (ev,) = [r for r in read_metrics(tmp_path / "r") if "valid_loss" in r]
+    assert ev["valid_loss"] == pytest.approx(ev["valid_ce_loss"]) and "valid_kd_loss" not in ev
     rows = train_rows(tmp_path / "r")
     assert rows[0]["lr"] == pytest.approx(5e-4) and rows[0]["projector_lr"] == pytest.approx(1e-3)
     assert rows[-1]["lr"] < rows[1]["lr"]  # cosine decay after warmup
