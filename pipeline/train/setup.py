@@ -182,7 +182,9 @@ def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch
     from ..teachers.head import head_from_model
 
     tok, _ = load_tokenizer(cfg.teacher)
-    model = load_teacher(cfg.teacher, device)
+    # as cache-teacher's HF backend: bf16 on GPU, fp32 on CPU (so online == cache, dtype-wise)
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.precision != "fp32" else torch.float32
+    model = load_teacher(cfg.teacher, device, dtype)
     h = head_from_model(model)
     s = float(h.logit_scale)
     head = TeacherHead(h.weight.float() * s, None if h.bias is None else h.bias.float() * s,
