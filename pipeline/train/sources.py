@@ -260,17 +260,3 @@ def check_row(row: CachedExample, student: TokenizedExample) -> None:
             raise AlignmentError(f"{where}: {name} has {arr.shape[0]} rows but the cached sequence "
                                  f"has {n} tokens (expected {n - 1}); the shard is corrupt, "
                                  "rerun cache-teacher on it")
-
-
-def check_examples_match(examples: Sequence[Example], source: CacheSource) -> None:
-    """A data file given with a cache must hold the cached examples: same ids, same texts."""
-    reader = source.reader()
-    for ex in examples:
-        try:
-            row = reader.get(ex.id)
-        except KeyError:
-            raise AlignmentError(f"example {ex.id!r} (data row {ex.row}) is not in cache "
-                                 f"{source.path}") from None
-        if text_hash(ex.prompt + ex.response) != text_hash(row.prompt + row.response):
-            raise AlignmentError(f"example {ex.id!r} (data row {ex.row}): its text differs from the "
-                                 f"cached text (shard {row.shard}, row {row.row})")
