@@ -7,7 +7,9 @@ dataclass fields, so a flag, a config-file key and a ``config.yaml`` key are alw
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib
+import shutil
 import inspect
 import sys
 from pathlib import Path
@@ -105,6 +107,8 @@ def make_command(cls: type, run: Any):
         except KeyboardInterrupt:
             fail("interrupted; rerun the same command to resume", code=130)
         except Exception as e:  # user-facing errors carry their own message; bugs keep a traceback
+            if _is_disk_full(e):
+                fail(_disk_full_message(e, getattr(cfg, "out", None)), code=1)
             if _is_user_error(e):
                 fail(str(e), code=1)
             raise
@@ -113,6 +117,28 @@ def make_command(cls: type, run: Any):
 
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return callback
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain (writers often wrap the OSError)."""
+    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in _chain(e))
+
+
+def _disk_full_message(e: BaseException, out: str | None) -> str:
+    """Which path filled up, how much space is left there, and that nothing committed is lost."""
+    path = next((x.filename for x in _chain(e) if isinstance(x, OSError) and x.filename), None) or out
+    where = Path(path) if path else Path.cwd()
+    probe = next((p for p in [where, *where.parents] if p.exists()), Path.cwd())
+    free = shutil.disk_usage(probe).free
+    return (f"disk full while writing {path or 'the output'}: {free / 2**20:.1f} MiB free on "
+            f"{probe}. Nothing committed was lost (partial files are temp names); free space or "
+            "point --out elsewhere, then rerun the same command to resume.")
+
+
+def _chain(e: BaseException | None):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def _is_user_error(e: Exception) -> bool:
@@ -166,24 +192,36 @@ def cache_inspect(cache_dir: Path = typer.Argument(..., help="cache directory"),
 
 
 @cache_app.command("verify")
-def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory")) -> None:
+def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory"),
+                 repair: bool = typer.Option(False, "--repair", help=(
+                     "un-commit the bad shards so rerunning the same cache-teacher command "
+                     "rewrites only them"))) -> None:
     """Checksums, shapes, offsets, token ids in range, NaN/inf; exits 1 naming each bad shard."""
-    try:
-        from .pipeline.cache.verify import verify_cache
-    except ModuleNotFoundError:
-        fail("`dskd cache verify` is not built yet (pipeline.cache.verify is missing)")
+    from .pipeline.cache.verify import uncommit_bad_shards, verify_cache
+
     try:
         problems = verify_cache(cache_dir)
     except Exception as e:
         if _is_user_error(e):
             fail(str(e), code=1)
         raise
-    if problems:
-        for p in problems:
-            typer.secho(f"BAD {p}", fg=typer.colors.RED, err=True)
-        fail(f"{len(problems)} problem(s) in {cache_dir}; rerun cache-teacher on it to rewrite "
-             "the bad shards (or --overwrite to start over)", code=1)
-    typer.echo(f"OK: {cache_dir}")
+    if not problems:
+        typer.echo(f"OK: {cache_dir}")
+        return
+    for p in problems:
+        typer.secho(f"BAD {p}", fg=typer.colors.RED, err=True)
+    if repair:
+        fixed = uncommit_bad_shards(cache_dir, problems)
+        rest = [p for p in problems if p.shard not in fixed]
+        if fixed:
+            typer.echo(f"un-committed {len(fixed)} shard(s): {', '.join(fixed)}; rerun the same "
+                       "`dskd cache-teacher` command to rewrite them", err=True)
+        if any(p.shard is None and "incomplete" not in p.message for p in rest):
+            fail("the manifest or head is damaged and cannot be repaired shard by shard; rebuild "
+                 "with `dskd cache-teacher ... --overwrite`", code=1)
+        raise typer.Exit(1)
+    fail(f"{len(problems)} problem(s) in {cache_dir}; `dskd cache verify --repair {cache_dir}` "
+         "then rerunning the same cache-teacher command rewrites only the bad shards", code=1)
 
 
 def main() -> None:

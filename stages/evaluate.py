@@ -409,7 +409,7 @@ def cache_fidelity(cfg: EvalConfig, model_dir: Path, generator: _Generator | Non
     """KL(T‖S), top-1 agreement and NLL/PPL of one model on the held-out cache `cfg.cache`."""
     from dskd.pipeline.cache.reader import CacheReader, load_head
 
-    reader = CacheReader(cfg.cache, fields=["hidden"])
+    reader = CacheReader(cfg.cache, fields=["hidden"], verify_checksums=True)
     if generator is not None and cfg.backend == "transformers":
         model, tok = generator.model, generator.tokenizer
     else:  # vLLM gives no logits of the whole sequence: score with transformers

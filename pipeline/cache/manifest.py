@@ -94,8 +94,15 @@ def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
                          "(or its first shard was never started). Run `dskd cache-teacher` on it.")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{path}: not valid JSON ({e}); rerun cache-teacher with --overwrite") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path}: damaged, not valid JSON ({e}); rebuild with cache-teacher "
+                         "--overwrite (the shards cannot be trusted without it)") from None
+    if not isinstance(m, dict):
+        raise CacheError(f"{path}: damaged (not a JSON object); rebuild with cache-teacher --overwrite")
+    stored = m.pop(SELF_CHECKSUM, None)
+    if stored is not None and stored != _manifest_checksum(m):
+        raise CacheError(f"{path}: damaged (its checksum does not match its content: a changed "
+                         "byte); rebuild with cache-teacher --overwrite")
     if m.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT_NAME!r}")
     if m.get("format_version") != FORMAT_VERSION:
@@ -104,8 +111,17 @@ def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
     return m
 
 
+SELF_CHECKSUM = "manifest_crc32c"
+
+
+def _manifest_checksum(m: dict[str, Any]) -> str:
+    """Checksum of the manifest's own content, so a flipped byte that still parses is caught."""
+    return checksum_hex(checksum_update(0, dump_json({k: v for k, v in m.items() if k != SELF_CHECKSUM})))
+
+
 def save_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
-    atomic_write_bytes(Path(cache_dir) / MANIFEST, dump_json(manifest))
+    body = {k: v for k, v in manifest.items() if k != SELF_CHECKSUM}
+    atomic_write_bytes(Path(cache_dir) / MANIFEST, dump_json({**body, SELF_CHECKSUM: _manifest_checksum(body)}))
 
 
 def fingerprint_diff(cached: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -17,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from .manifest import committed_shards, load_manifest
+from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden
 from .spec import (
     EMBED_WEIGHT,
     EXAMPLES_FILE,
     HEAD_FILE,
     HEAD_WEIGHT,
+    CHECKSUM,
     SHARDS_DIR,
     TOKEN_OFFSETS,
     CacheError,
@@ -174,8 +175,13 @@ class CacheReader:
     student can skip ``hidden``, by far the largest)."""
 
     def __init__(self, path: str | Path, fields: Collection[str] | None = None,
-                 allow_incomplete: bool = False, max_open_shards: int = 4, use_mmap: bool = True):
+                 allow_incomplete: bool = False, max_open_shards: int = 4, use_mmap: bool = True,
+                 verify_checksums: bool = False):
         self.path = Path(path)
+        # Checked once per shard per process, when first opened: a trainer must never learn from a
+        # flipped bit. One sequential CRC-32C pass per shard, next to the reads it does anyway.
+        self._verify = verify_checksums
+        self._verified: set[int] = set()
         self.manifest = load_manifest(self.path)
         if not self.manifest["complete"] and not allow_incomplete:
             lay = self.manifest["layout"]
@@ -295,12 +301,33 @@ class CacheReader:
         if index not in self._by_index:
             raise CacheError(f"{self.path}: shard {index} is not committed in the manifest")
         rec = self._by_index[index]
+        if self._verify and index not in self._verified:
+            verify_shard_files(self.path, rec)
+            self._verified.add(index)
         sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout["hidden_dtype"],
                     self.fields, self._use_mmap)
         self._open[index] = sh
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)
         return sh
+
+
+def verify_shard_files(cache_dir: Path, record: dict[str, Any]) -> None:
+    """Every file of a committed shard has its recorded size and checksum, or CacheError names it."""
+    d = Path(cache_dir) / SHARDS_DIR / record["name"]
+    for rel, info in (record.get("files") or {}).items():
+        f = d / rel
+        problem = None
+        if not f.is_file():
+            problem = "is missing"
+        elif f.stat().st_size != info["bytes"]:
+            problem = f"has {f.stat().st_size} bytes, the manifest says {info['bytes']}"
+        elif hash_file(f) != info[CHECKSUM]:
+            problem = "fails its checksum (the bytes changed after the shard was committed)"
+        if problem:
+            raise CacheError(f"{cache_dir}: shard {record['name']} is corrupt: {rel} {problem}. "
+                             f"Run `dskd cache verify {cache_dir}`, delete the bad shard's commit "
+                             "record or the cache, and rerun `dskd cache-teacher`.")
 
 
 def open_cache(path: str | Path, fields: Collection[str] | None = None) -> CacheReader:
@@ -318,7 +345,16 @@ def load_head(path: str | Path, device: str | None = None) -> dict[str, Any]:
     f = p / HEAD_FILE if p.is_dir() else p
     if not f.is_file():
         raise CacheError(f"{f}: no head file; was this cache written completely?")
-    tensors = load_file(str(f), device=device or "cpu")
+    if p.is_dir():  # the head turns every cached hidden state into logits: never use a damaged one
+        rec = load_manifest(p).get("head") or {}
+        if CHECKSUM in rec and (f.stat().st_size != rec.get("bytes") or hash_file(f) != rec[CHECKSUM]):
+            raise CacheError(f"{f}: damaged (size or {CHECKSUM} differs from the manifest); rebuild "
+                             "the cache with `dskd cache-teacher ... --overwrite`")
+    try:
+        tensors = load_file(str(f), device=device or "cpu")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CacheError(f"{f}: unreadable ({type(e).__name__}: {e}); rebuild the cache with "
+                         "`dskd cache-teacher ... --overwrite`") from None
     with safe_open(str(f), framework="pt") as sf:
         info = json.loads((sf.metadata() or {}).get("dskd", "{}"))
     if info.get("tied_embeddings") and EMBED_WEIGHT not in tensors:

@@ -198,3 +198,26 @@ def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.nda
             if rows.any() and np.abs(lp[hit] - nxt[rows]).max() > 1e-4:
                 found.setdefault("next_logprob", "disagrees with topk_logprobs for the same token")
     return [Problem(name, f, msg) for f, msg in found.items()]
+
+
+def uncommit_bad_shards(path: str | Path, problems: list[Problem]) -> list[str]:
+    """Turn bad shards back into unwritten ones, so rerunning cache-teacher rewrites only them.
+
+    Their commit records are removed and the manifest marked incomplete; the good shards stay
+    committed (nothing is recomputed for them). Problems of the cache as a whole (manifest, head)
+    cannot be repaired this way: those need ``cache-teacher --overwrite``.
+    """
+    from .manifest import commit_path, save_manifest
+
+    path = Path(path)
+    m = load_manifest(path)
+    by_name = {s["name"]: i for i, s in committed_shards(path, m).items()}
+    bad = sorted({by_name[p.shard] for p in problems if p.shard in by_name})
+    if not bad:
+        return []
+    for i in bad:
+        commit_path(path, i).unlink(missing_ok=True)
+    m["complete"] = False
+    m["shards"] = []
+    save_manifest(path, m)
+    return [s for s, i in by_name.items() if i in bad]

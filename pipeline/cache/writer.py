@@ -21,6 +21,7 @@ import pyarrow as pa
 import zarr
 from zarr.storage import LocalStore
 
+from ..failpoints import failpoint
 from .manifest import checksum_hex, checksum_update, hash_file, write_commit
 from .spec import (
     CHECKSUM,
@@ -116,6 +117,7 @@ class ShardWriter:
         tmp.mkdir(parents=True)
         files: dict[str, dict[str, Any]] = {}  # relative path -> bytes, checksum
         field_bytes = self._write_tokens(tmp, rows, files)
+        failpoint("shard.mid_write")  # token arrays written, examples table not yet
         field_bytes["examples"] = _write_file(tmp, EXAMPLES_FILE, [_arrow_file(rows)], files)
         for p in sorted(q for q in tmp.rglob("*") if q.is_file()):  # the small zarr.json files
             rel = p.relative_to(tmp).as_posix()
@@ -130,6 +132,7 @@ class ShardWriter:
         os.replace(tmp, final)
         if self.fsync:
             _fsync_dir(final.parent)
+        failpoint("shard.renamed")  # shard in place, commit record not yet written
         n_tokens = sum(len(r.input_ids) for r in rows)
         record = {
             "index": self.index,

@@ -70,7 +70,8 @@ class CacheSource:
         self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
         self._lru_bytes: dict[tuple[int, int], int] = {}
         self._bounds: dict[int, np.ndarray] = {}
-        reader = CacheReader(self.path, fields=self.fields, max_open_shards=MAX_OPEN_SHARDS)
+        reader = CacheReader(self.path, fields=self.fields, max_open_shards=MAX_OPEN_SHARDS,
+                             verify_checksums=True)
         self.manifest = reader.manifest
         self.shards = [(s["index"], s["name"], s["n_examples"]) for s in reader.shards]
         self.starts = np.cumsum([0] + [n for _, _, n in self.shards])
@@ -89,7 +90,7 @@ class CacheSource:
             # Shards are memory-mapped: each open one keeps the pages it has served mapped
             # (file-backed, reclaimable), so a few open shards bound that part of the memory.
             self._reader = CacheReader(self.path, fields=self.fields,
-                                       max_open_shards=MAX_OPEN_SHARDS)
+                                       max_open_shards=MAX_OPEN_SHARDS, verify_checksums=True)
             self._pid = os.getpid()
             self._lru.clear()
             self._lru_bytes.clear()
