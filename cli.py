@@ -9,15 +9,22 @@ from __future__ import annotations
 import dataclasses
 import errno
 import importlib
-import shutil
 import inspect
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
 import typer
 
-from .pipeline.config import ConfigError, field_types, flag_name, load_config_file, resolve, unwrap_optional
+from .pipeline.config import (
+    ConfigError,
+    field_types,
+    flag_name,
+    load_config_file,
+    resolve,
+    unwrap_optional,
+)
 
 app = typer.Typer(
     help="dskd: cache a teacher once, distill students with DSKD, evaluate them like the paper.",
@@ -156,7 +163,7 @@ def _not_built(name: str, reason: str):
 def _register(name: str, module: str, cls_name: str, help_text: str) -> None:
     try:
         mod = importlib.import_module(module)
-        cls, run = getattr(mod, cls_name), getattr(mod, "run")
+        cls, run = getattr(mod, cls_name), mod.run
     except ModuleNotFoundError as e:
         if e.name != module:
             raise

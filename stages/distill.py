@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from rich.console import Console
 
 from dskd.pipeline.config import save_config, to_dict
+from dskd.pipeline.failpoints import failpoint
 from dskd.pipeline.losses.registry import build_loss
 from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
@@ -155,18 +157,23 @@ class DistillConfig:
 
 def run(cfg: DistillConfig) -> Path:
     env = dist.init_distributed(cfg.device)
+    held: list[int] = []  # the run-dir lock, released however train() ends
     try:
-        return train(cfg, env)
+        return train(cfg, env, held)
     finally:
+        for fd in held:
+            os.close(fd)
         dist.cleanup()
 
 
-def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
+def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) -> Path:
     out = Path(cfg.out)
     say = console.print if env.is_main else (lambda *a, **k: None)
 
     # ---- checks before compute: every problem at once, then the inputs they resolved
     inp: RunInputs = check_config(cfg)
+    if env.is_main:  # one run per RUN_DIR at a time (two would interleave checkpoints)
+        (held if held is not None else []).append(ckpt.lock_run_dir(out))
     resume_from = _prepare_run_dir(cfg, out, env)
     for note in inp.notes:
         say(f"[yellow]note:[/] {note}")
@@ -288,6 +295,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv) -> Path:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            failpoint("train.step")  # fault-injection tests kill here (between two steps)
             epoch_done = stream.micro >= stream.micro_per_epoch(epoch)
 
             # log every term as a mean per label token of the global batch

@@ -20,11 +20,11 @@ import zarr
 from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden
 from .spec import (
+    CHECKSUM,
     EMBED_WEIGHT,
     EXAMPLES_FILE,
     HEAD_FILE,
     HEAD_WEIGHT,
-    CHECKSUM,
     SHARDS_DIR,
     TOKEN_OFFSETS,
     CacheError,
@@ -326,8 +326,8 @@ def verify_shard_files(cache_dir: Path, record: dict[str, Any]) -> None:
             problem = "fails its checksum (the bytes changed after the shard was committed)"
         if problem:
             raise CacheError(f"{cache_dir}: shard {record['name']} is corrupt: {rel} {problem}. "
-                             f"Run `dskd cache verify {cache_dir}`, delete the bad shard's commit "
-                             "record or the cache, and rerun `dskd cache-teacher`.")
+                             f"Run `dskd cache verify --repair {cache_dir}`, then rerun the same "
+                             "`dskd cache-teacher` command: it rewrites only the bad shards.")
 
 
 def open_cache(path: str | Path, fields: Collection[str] | None = None) -> CacheReader:

@@ -14,6 +14,8 @@ named ``step-N`` is always complete; a crash mid-save leaves only a temp dir, re
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import random
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..failpoints import failpoint
+
 CKPT_SUBDIR = "checkpoints"
 _PREFIX = "step-"
 _TMP = ".tmp-"
@@ -33,6 +37,27 @@ TRAINER_FILE = "trainer.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used to resume; the message names it."""
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is training into this run dir."""
+
+
+def lock_run_dir(run_dir: str | os.PathLike) -> int:
+    """Hold an exclusive flock on RUN_DIR/.lock for this process's life (the kernel drops it when
+    the process dies, SIGKILL included, so a crash never leaves a stale lock). Returns the fd."""
+    path = Path(run_dir) / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunLockedError(f"--out {run_dir} is locked by another running `dskd distill` "
+                             f"({path}); wait for it, or give another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def checkpoint_name(step: int) -> str:
@@ -123,13 +148,37 @@ def write_checkpoint(
 ) -> None:
     """Fill an (empty, temp) checkpoint dir. `save_student(dir)` writes the HF student there."""
     save_student(ckpt_dir / "student")
+    failpoint("checkpoint.mid_write")  # student written, optimizer and trainer state not yet
     # safetensors refuses shared storage; projectors never share, but clone keeps that true.
     save_file({k: v.detach().cpu().contiguous().clone() for k, v in projectors.items()},
               str(ckpt_dir / "projectors.safetensors"))
     torch.save(optimizer, ckpt_dir / "optimizer.pt")
     torch.save(rng, ckpt_dir / "rng.pt")
+    # Every file's size and CRC-32C, so a resume never starts from a changed or truncated byte.
+    trainer = {**trainer, "files": _file_sums(ckpt_dir)}
     # trainer.json last: list_checkpoints() also requires it (belt and braces over the rename).
     (ckpt_dir / TRAINER_FILE).write_text(json.dumps(trainer, indent=2, default=str) + "\n")
+
+
+def _sum(p: Path) -> dict[str, Any]:
+    from ..cache.manifest import hash_file
+
+    return {"bytes": p.stat().st_size, "crc32c": hash_file(p)}
+
+
+def _file_sums(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    return {p.relative_to(ckpt_dir).as_posix(): _sum(p)
+            for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != TRAINER_FILE}
+
+
+def verify_checkpoint(ckpt_dir: Path, files: dict[str, dict[str, Any]]) -> None:
+    """Raise CheckpointError naming the first file whose size or checksum changed."""
+    for rel, want in files.items():
+        now = ckpt_dir / rel
+        if not now.is_file() or _sum(now) != want:
+            raise CheckpointError(f"checkpoint {ckpt_dir} is damaged: {rel} is "
+                                  f"{'missing' if not now.is_file() else 'changed or truncated'}; "
+                                  "delete this checkpoint to resume from the one before")
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, **parts: Any) -> Path:
@@ -139,8 +188,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, **parts: Any) -> Path
     tmp = new_temp_dir(root, checkpoint_name(step))
     try:
         write_checkpoint(tmp, **parts)
-    except BaseException:
+    except BaseException as e:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos"): name it for what it is
+        full = not isinstance(e, OSError) and shutil.disk_usage(root).free < (1 << 20)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(e).__name__}: {e})",
+                          str(tmp)) from e
         raise
     return publish_dir(tmp, root / checkpoint_name(step))
 
@@ -150,6 +204,11 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     d = Path(ckpt_dir)
     try:
         trainer = json.loads((d / TRAINER_FILE).read_text())
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint {d} is unreadable ({TRAINER_FILE}: {type(e).__name__}: "
+                              f"{e}); delete it to resume from the one before") from None
+    verify_checkpoint(d, trainer.get("files", {}))
+    try:
         return {
             "trainer": trainer,
             "projectors": load_file(str(d / "projectors.safetensors")),

@@ -92,5 +92,5 @@ def test_unreadable_shard_is_named_when_read(tiny_cache, tmp_path):
     (bad / "shards" / "shard-00001" / "examples.arrow").write_bytes(b"not arrow")
     with pytest.raises(CacheError, match="shard-00001"):
         check_shards_present(bad, src.manifest)
-    with pytest.raises(CacheError, match="shard shard-00001 cannot be read"):
+    with pytest.raises(CacheError, match="shard shard-00001 is corrupt: examples.arrow"):
         src.fetch([6])
