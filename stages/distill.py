@@ -47,7 +47,13 @@ from dskd.pipeline.train.setup import (
     make_source,
     student_dims,
 )
-from dskd.pipeline.train.signal import build_signal, round_hidden, teacher_forward, topk_from_hidden
+from dskd.pipeline.train.signal import (
+    align_head_vocab,
+    build_signal,
+    round_hidden,
+    teacher_forward,
+    topk_from_hidden,
+)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -193,6 +199,11 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     student = load_student(cfg.student, student_tok, lora=lora,
                            weights_dir=ckpt_state["student_dir"] if ckpt_state else None,
                            adapter_dir=ckpt_state["student_dir"] if ckpt_state and lora else None)
+    if teacher.head is not None and cfg.method in ("kd",):  # padded vocabularies (Qwen's case)
+        teacher.head, note = align_head_vocab(teacher.head, student.get_output_embeddings().weight.shape[0],
+                                              len(student_tok))
+        if note:
+            say(f"[yellow]note:[/] {note}")
     loss_fn = build_loss(cfg.method, cfg.divergence, d_student=student_dims(student),
                          d_teacher=teacher.hidden_size, student_tokenizer=student_tok,
                          teacher_tokenizer=teacher.tokenizer, kd_rate=cfg.kd_rate,

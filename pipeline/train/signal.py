@@ -48,6 +48,30 @@ def cache_head(cache_dir: str | Path, manifest: dict[str, Any], device: torch.de
     return TeacherHead((w * scale).to(device), None if b is None else b.to(device), e.to(device))
 
 
+def align_head_vocab(head: TeacherHead, student_vocab: int, tokenizer_len: int) -> tuple[TeacherHead, str | None]:
+    """Same-vocabulary KD with embeddings padded past the tokenizer (Qwen: 151936 or 152064 rows for
+    151646 tokens). Ids ≥ ``tokenizer_len`` are never produced, so the teacher head is cut or
+    extended to the student's logit width; extra rows get logit -inf (probability 0), which the
+    divergences skip. Returns the head and a note for the user (None when nothing changed)."""
+    v_t = head.vocab_size
+    if v_t == student_vocab:
+        return head, None
+    if min(v_t, student_vocab) < tokenizer_len:
+        raise ValueError(f"teacher head has {v_t} rows and the student {student_vocab} logits, but "
+                         f"the tokenizer has {tokenizer_len} tokens: these are not the same "
+                         "vocabulary; use --method dskd-cma, uld or mined")
+    if v_t > student_vocab:
+        w, b = head.weight[:student_vocab], None if head.bias is None else head.bias[:student_vocab]
+    else:
+        extra = student_vocab - v_t
+        w = torch.cat([head.weight, head.weight.new_zeros(extra, head.weight.shape[1])])
+        b0 = head.bias if head.bias is not None else head.weight.new_zeros(v_t)
+        b = torch.cat([b0, b0.new_full((extra,), float("-inf"))])
+    note = (f"teacher head has {v_t} rows, the student {student_vocab} logits (tokenizer: "
+            f"{tokenizer_len}); padding rows past the tokenizer are {'cut' if v_t > student_vocab else 'given probability 0'}")
+    return TeacherHead(w, b, head.embed), note
+
+
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, t: dict[str, Tensor]) -> Tensor:
     """Live teacher's last hidden state (B, T_t, D_t) float32 = input of its LM head.
