@@ -52,8 +52,8 @@ class Sizes:
 SIZES = {
     "tiny": Sizes(teacher_epochs=2, student_epochs=1, batch_size=32, lr=3e-3, teacher_lr=3e-3,
                   seeds=1, max_new_tokens=32, eval_limit=40),
-    "small": Sizes(teacher_epochs=12, student_epochs=8, batch_size=32, lr=1e-3, teacher_lr=1e-3,
-                   seeds=3, max_new_tokens=48, eval_limit=None),
+    "small": Sizes(teacher_epochs=6, student_epochs=4, batch_size=32, lr=2e-3, teacher_lr=2e-3,
+                   seeds=3, max_new_tokens=48, eval_limit=150),
 }
 
 # name -> (student model key in the toy world, method, divergence)
