@@ -80,11 +80,26 @@ def _step(title: str, done: Path, fn: Any) -> Path:
     return done
 
 
+def train_student(out: Path, world: Any, caches: dict[str, Path], sz: Sizes, common: dict[str, Any],
+                  name: str, model_key: str, method: str, divergence: str) -> Path:
+    """One student from the train cache (benchmarks/results.py trains more of them this way)."""
+    from dskd.stages import distill
+
+    run_dir = out / "runs" / name
+    return _step(f"student {name}: {method} ({divergence})", run_dir / "final",
+                 lambda: distill.run(resolve(distill.DistillConfig, {
+                     **common, "method": method, "divergence": divergence,
+                     "student": str(getattr(world, model_key)), "cache": str(caches["train"]),
+                     "valid_cache": str(caches["valid"]), "out": str(run_dir),
+                     "epochs": sz.student_epochs, "batch_size": sz.batch_size, "lr": sz.lr,
+                     "num_workers": 0, "resume": True})))
+
+
 def run(cfg: QuickstartConfig) -> Path:
+    from transformers.utils import logging as hf_logging
+
     from dskd.pipeline.toyworld import build_toy_world
     from dskd.stages import cache_teacher, distill, evaluate
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars of tiny models are noise here
     out = Path(cfg.out)
@@ -121,16 +136,7 @@ def run(cfg: QuickstartConfig) -> Path:
     # 4. students from the one cache, same vocabulary and another vocabulary
     finals = {"teacher": teacher}
     for name, (model_key, method, divergence) in STUDENTS.items():
-        run_dir = out / "runs" / name
-        finals[name] = run_dir / "final"
-        _step(f"student {name}: {method}", finals[name],
-              lambda run_dir=run_dir, model_key=model_key, method=method, divergence=divergence:
-              distill.run(resolve(distill.DistillConfig, {
-                  **common, "method": method, "divergence": divergence,
-                  "student": str(getattr(world, model_key)), "cache": str(caches["train"]),
-                  "valid_cache": str(caches["valid"]), "out": str(run_dir),
-                  "epochs": sz.student_epochs, "batch_size": sz.batch_size, "lr": sz.lr,
-                  "num_workers": 0, "resume": True})))
+        finals[name] = train_student(out, world, caches, sz, common, name, model_key, method, divergence)
 
     # 5. eval on the test split, the paper's protocol (sampled ROUGE-L over seeds)
     eval_dir = out / "eval"
