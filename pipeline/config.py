@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+
+from .atomic import atomic_write_text
 
 C = TypeVar("C")
 
@@ -127,21 +128,6 @@ def resolve(cls: type[C], file_values: dict[str, Any] | None = None,
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Dashed-key dict of a resolved config, in field order (the form written to config.yaml)."""
     return {flag_name(f.name)[2:]: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file in the same dir, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_config(cfg: Any, out_dir: str | os.PathLike, name: str = "config.yaml") -> Path:

@@ -10,14 +10,13 @@ run ends with the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import google_crc32c  # a zarr dependency (its shard-index checksum)
 import numpy as np
 
+from ..atomic import atomic_write_bytes
 from .spec import (
     COMMITS_DIR,
     FORMAT_NAME,
@@ -26,21 +25,6 @@ from .spec import (
     CacheError,
     shard_name,
 )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file in the same dir, fsync, rename: a reader sees the old file or the new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def dump_json(obj: Any) -> bytes:
