@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +44,41 @@ class RunLockedError(RuntimeError):
     """Another live process is training into this run dir."""
 
 
-def lock_run_dir(run_dir: str | os.PathLike) -> int:
+def lock_run_dir(run_dir: str | os.PathLike, orphan_wait_s: float = 60.0) -> int:
     """Hold an exclusive flock on RUN_DIR/.lock for this process's life (the kernel drops it when
-    the process dies, SIGKILL included, so a crash never leaves a stale lock). Returns the fd."""
+    the process dies, SIGKILL included, so a crash never leaves a stale lock). Returns the fd.
+
+    DataLoader workers forked by a killed run share its lock until they notice their parent is
+    gone (a few seconds); when the pid in the lock file is dead we wait for them, not refuse.
+    """
     path = Path(run_dir) / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise RunLockedError(f"--out {run_dir} is locked by another running `dskd distill` "
-                             f"({path}); wait for it, or give another --out") from None
+    deadline = time.monotonic() + orphan_wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if _holder_alive(path) or time.monotonic() > deadline:
+                os.close(fd)
+                raise RunLockedError(f"--out {run_dir} is locked by another running `dskd distill` "
+                                     f"({path}); wait for it, or give another --out") from None
+            time.sleep(0.5)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _holder_alive(lock_file: Path) -> bool:
+    try:
+        pid = int(lock_file.read_text().strip() or 0)
+        os.kill(pid, 0)
+        return pid > 0
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
 
 
 def checkpoint_name(step: int) -> str:
