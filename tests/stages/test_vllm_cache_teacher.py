@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from dskd.pipeline.cache.reader import open_cache
+from dskd.pipeline.cache.spec import CHECKSUM
 from dskd.stages.cache_teacher import CacheTeacherConfig, run
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU engine
@@ -39,7 +40,7 @@ def test_vllm_cache_matches_transformers_cache(toy_world, tmp_path):
     assert len(hf) == len(vl) == LIMIT
     # Same head bytes (vLLM's read from the checkpoint, HF's from the loaded model); only the
     # transformers backend can prove hidden @ head == its own logits.
-    assert vl.manifest["head"]["sha256"] == hf.manifest["head"]["sha256"]
+    assert vl.manifest["head"][CHECKSUM] == hf.manifest["head"][CHECKSUM]
     assert vl.manifest["head"]["check_max_abs_err"] is None
     assert hf.manifest["head"]["check_max_abs_err"] is not None
     worst = {"hidden": 0.0, "lse": 0.0, "topk_logprobs": 0.0, "next_logprob": 0.0}
