@@ -43,17 +43,24 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return p
 
 
+def load_tokenizer(model_dir: str | Path, padding_side: str = "right") -> tuple[Any, list[str]]:
+    """The model dir's tokenizer, with EOS/pad set when missing; returns (tokenizer, notes)."""
+    d = check_model_dir(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(d))
+    except Exception as e:  # noqa: BLE001 - many loader error types; the user needs the dir
+        raise ModelLoadError(f"model dir {d}: cannot load its tokenizer ({type(e).__name__}: {e}); "
+                             "save the tokenizer next to the model") from None
+    notes = [f"{d}: {n}" for n in ensure_special_tokens(tok)]
+    tok.padding_side = padding_side
+    return tok, notes
+
+
 def load_model(model_dir: str | Path, device: str = "cpu",
                dtype: str = "auto") -> tuple[torch.nn.Module, Any]:
     """(model in eval mode, tokenizer padded on the left with a pad token) from a model dir."""
     p = check_model_dir(model_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p))
-    except Exception as e:  # noqa: BLE001 - many loader error types; the user needs the dir
-        raise ModelLoadError(f"model dir {p}: cannot load its tokenizer ({type(e).__name__}: {e}); "
-                             "save the tokenizer next to the model") from None
-    ensure_special_tokens(tok)  # pad = EOS when missing; padded positions are masked anyway
-    tok.padding_side = "left"
+    tok, _ = load_tokenizer(p, padding_side="left")  # pad = EOS when missing; pads are masked
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype).to(device)
     model.eval()

@@ -13,10 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from ..generate import check_model_dir
-from ..tokenize import ensure_special_tokens
+from ..generate import check_model_dir, load_tokenizer  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -25,19 +24,6 @@ class LoraOptions:
     alpha: int = 8
     dropout: float = 0.1
     target_modules: tuple[str, ...] = ("all-linear",)
-
-
-def load_tokenizer(model_dir: str | Path) -> tuple[Any, list[str]]:
-    """The model dir's tokenizer, with EOS/pad set when missing; returns (tokenizer, notes)."""
-    d = check_model_dir(model_dir)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(d))
-    except Exception as e:  # noqa: BLE001 - many loader error types; the user needs the dir
-        raise ValueError(f"model dir {d}: cannot load its tokenizer ({type(e).__name__}: {e}); "
-                         "save the tokenizer next to the model") from None
-    notes = [f"{d}: {n}" for n in ensure_special_tokens(tok)]
-    tok.padding_side = "right"
-    return tok, notes
 
 
 def load_student(model_dir: str | Path, tokenizer: Any, *, weights_dir: str | Path | None = None,
