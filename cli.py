@@ -6,6 +6,7 @@ dataclass fields, so a flag, a config-file key and a ``config.yaml`` key are alw
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import importlib
@@ -109,21 +110,28 @@ def make_command(cls: type, run: Any):
             cfg = resolve(cls, file_values, explicit)
         except (ConfigError, TypeError) as e:
             fail(str(e))
-        try:
+        with user_errors(getattr(cfg, "out", None)):
             out = run(cfg)
-        except KeyboardInterrupt:
-            fail("interrupted; rerun the same command to resume", code=130)
-        except Exception as e:  # user-facing errors carry their own message; bugs keep a traceback
-            if _is_disk_full(e):
-                fail(_disk_full_message(e, getattr(cfg, "out", None)), code=1)
-            if _is_user_error(e):
-                fail(str(e), code=1)
-            raise
         if out is not None:
             typer.echo(f"done: {out}")
 
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return callback
+
+
+@contextlib.contextmanager
+def user_errors(out: str | None = None):
+    """Our own errors and a full disk print one clear line (exit 1); bugs keep a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume", code=130)
+    except Exception as e:
+        if _is_disk_full(e):
+            fail(_disk_full_message(e, out), code=1)
+        if _is_user_error(e):
+            fail(str(e), code=1)
+        raise
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -183,18 +191,12 @@ for _name, (_module, _cls, _help) in STAGES.items():
 def cache_inspect(cache_dir: Path = typer.Argument(..., help="cache directory"),
                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Teacher, counts, fingerprints, bytes/token per field, dtypes."""
-    try:
-        from .pipeline.cache.inspect import format_inspect, inspect_cache
-    except ModuleNotFoundError:
-        fail("`dskd cache inspect` is not built yet (pipeline.cache.inspect is missing)")
     import json
 
-    try:
+    from .pipeline.cache.inspect import format_inspect, inspect_cache
+
+    with user_errors():
         info = inspect_cache(cache_dir)
-    except Exception as e:
-        if _is_user_error(e):
-            fail(str(e), code=1)
-        raise
     typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_inspect(info))
 
 
@@ -206,12 +208,8 @@ def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory"),
     """Checksums, shapes, offsets, token ids in range, NaN/inf; exits 1 naming each bad shard."""
     from .pipeline.cache.verify import uncommit_bad_shards, verify_cache
 
-    try:
+    with user_errors():
         problems = verify_cache(cache_dir)
-    except Exception as e:
-        if _is_user_error(e):
-            fail(str(e), code=1)
-        raise
     if not problems:
         typer.echo(f"OK: {cache_dir}")
         return
