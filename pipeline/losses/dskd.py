@@ -31,6 +31,7 @@ from dskd.pipeline.losses.divergences import (
     divergence,
     target_rows,
 )
+from dskd.pipeline.losses.pinv import init_linear_pinv
 from dskd.pipeline.losses.signals import (
     DistillLoss,
     StudentBatch,
@@ -53,23 +54,34 @@ class DualSpaceLoss(DistillLoss):
     use_teacher_temperature = False  # official: only CMA divides the target by tea_temp
     log_max_prob = False  # official: only CMA logs max_t2s_prob
 
+    official_teacher_fkl = True  # v1: the teacher-space KD is always forward KL (official)
+
     def __init__(self, d_student: int, d_teacher: int, divergence_name: str = "fkl",
                  opts: DivergenceOptions | None = None, teacher_space_divergence: str = "official",
-                 **kw) -> None:
+                 *, bias: bool = True, s2t_linear: bool = True, **kw) -> None:
         super().__init__(**kw)
         self.divergence = canonical_divergence(divergence_name)
         self.opts = opts or DivergenceOptions(temperature=2.0)
         if teacher_space_divergence not in ("official", "same"):
-            raise ValueError("teacher_space_divergence must be 'official' (always forward KL) "
+            raise ValueError("teacher_space_divergence must be 'official' (v1: always forward KL) "
                              f"or 'same' (the chosen divergence), got {teacher_space_divergence!r}")
-        self.teacher_divergence = "fkl" if teacher_space_divergence == "official" else self.divergence
-        # creation order s2t, t2s(, query) as in the official projector config
-        self.s2t = nn.Linear(d_student, d_teacher)
-        self.t2s = nn.Linear(d_teacher, d_student)
+        official_fkl = teacher_space_divergence == "official" and self.official_teacher_fkl
+        self.teacher_divergence = "fkl" if official_fkl else self.divergence
+        # creation order s2t, t2s(, query) as in the official projector config; DSKDv2's
+        # projectors have no bias, and its pinv s2t is a map rebuilt per step, not a Linear
+        if s2t_linear:
+            self.s2t = nn.Linear(d_student, d_teacher, bias=bias)
+        self.t2s = nn.Linear(d_teacher, d_student, bias=bias)
 
     def projected_hiddens(self, student: StudentBatch, teacher: TeacherSignal
                           ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def init_projectors_pinv(self, student_head: Tensor, teacher_head: Tensor,
+                             overlap: tuple[Tensor, Tensor] | None = None) -> None:
+        """`--projector-init pinv`: t2s and s2t start at the DSKDv2 pseudo-inverse maps
+        (pipeline/losses/pinv.py) over the shared tokens (overlap None = same vocabulary)."""
+        init_linear_pinv(self.t2s, self.s2t, student_head, teacher_head, overlap)
 
     def compute(self, student: StudentBatch, teacher: TeacherSignal | None):
         t2s_h, s2t_h = self.projected_hiddens(student, teacher)
@@ -94,8 +106,14 @@ class DualSpaceLoss(DistillLoss):
             terms["max_t2s_prob"] = masked_sum(s[:, 5], mask)
         return ce, t2s_kd + t2s_ce + s2t_kd, terms
 
-    def _student_space(self, student: StudentBatch, t2s_h: Tensor) -> Tensor:
-        """Per student row: [ce, t2s_ce, t2s_kd (filtered if CMA), hit, t2s_hit, max_t2s_prob]."""
+    def _student_space(self, student: StudentBatch, t2s_h: Tensor,
+                       t2s_labels: Tensor | None = None) -> Tensor:
+        """Per student row: [ce, t2s_ce, t2s_kd (filtered if CMA), hit, t2s_hit, max_t2s_prob,
+        t2s_hit vs the label, student argmax].
+
+        t2s_labels (B, T_s): target of the t2s CE and of t2s_hit. v1: the labels; DSKDv2: the
+        teacher's predictions (its "agreement" is t2s_hit).
+        """
         rows, to_logits = student.logit_rows()
         w_s = _need(student.lm_head_weight, "student.lm_head_weight").detach()
         b_s = student.lm_head_bias.detach() if student.lm_head_bias is not None else None
@@ -104,20 +122,22 @@ class DualSpaceLoss(DistillLoss):
             opts = DivergenceOptions(opts.temperature, 1.0, opts.skew_lambda, opts.akl_alpha,
                                      opts.sparse_tail)
 
-        def fn(x: Tensor, h: Tensor, y: Tensor) -> Tensor:
+        def fn(x: Tensor, h: Tensor, y: Tensor, yt: Tensor) -> Tensor:
             z = to_logits(x)
             t2s_logits = head_logits(h, w_s, b_s)  # student head detached
-            t2s_hit = token_hits(t2s_logits, y)
+            t2s_hit = token_hits(t2s_logits, yt)
             kd = divergence(self.divergence, z, t2s_logits.detach(), opts)
             if self.accuracy_filter:
                 kd = torch.where(t2s_hit > 0, kd, torch.zeros_like(kd))
-            return stack_terms(token_ce(z, y), token_ce(t2s_logits, y), kd, token_hits(z, y),
-                               t2s_hit, softmax_max(t2s_logits))
+            return stack_terms(token_ce(z, y), token_ce(t2s_logits, yt), kd, token_hits(z, y),
+                               t2s_hit, softmax_max(t2s_logits), token_hits(t2s_logits, y),
+                               z.argmax(-1))
 
         y = student.labels.reshape(-1)
+        yt = y if t2s_labels is None else t2s_labels.reshape(-1)
         h = t2s_h.reshape(-1, t2s_h.shape[-1])
-        sel = None if self.keep_intermediates else y.ne(-100)
-        out = map_rows(fn, [rows, h, y], select=sel, chunk_rows=self.chunk_rows,
+        sel = None if self.keep_intermediates else y.ne(-100) | yt.ne(-100)
+        out = map_rows(fn, [rows, h, y, yt], select=sel, chunk_rows=self.chunk_rows,
                        vocab_size=student.vocab_size)
         if self.keep_intermediates:
             shape = student.labels.shape
@@ -127,7 +147,7 @@ class DualSpaceLoss(DistillLoss):
         return out
 
     def _teacher_space(self, teacher: TeacherSignal, s2t_h: Tensor) -> Tensor:
-        """Per teacher row: [s2t_kd, s2t_hit], s2t_logits through the frozen teacher head."""
+        """Per teacher row: [s2t_kd, s2t_hit, s2t argmax], s2t_logits through the frozen head."""
         w_t = _need(teacher.head_weight, "teacher.head_weight").detach()
         b_t = teacher.head_bias.detach() if teacher.head_bias is not None else None
         opts = DivergenceOptions(self.opts.temperature, 1.0, self.opts.skew_lambda,
@@ -137,7 +157,7 @@ class DualSpaceLoss(DistillLoss):
         def fn(h: Tensor, y: Tensor, *tr: Tensor | None) -> Tensor:
             s2t_logits = head_logits(h, w_t, b_t, teacher.head_logit_scale)
             kd = divergence(self.teacher_divergence, s2t_logits, rebuild(tr), opts)
-            return stack_terms(kd, token_hits(s2t_logits, y))
+            return stack_terms(kd, token_hits(s2t_logits, y), s2t_logits.argmax(-1))
 
         y = teacher.labels.reshape(-1)
         h = s2t_h.reshape(-1, s2t_h.shape[-1])
@@ -175,28 +195,6 @@ class DSKD(DualSpaceLoss):
         h_s = _need(student.hidden, "student.hidden")
         h_t = _need(teacher.hidden, "teacher.hidden").detach()
         return self.t2s(h_t), self.s2t(h_s)
-
-    @torch.no_grad()
-    def init_projectors_pinv(self, student_head: Tensor, teacher_head: Tensor) -> None:
-        """DSKDv2-style init: t2s(h_t) @ W_s.T ≈ h_t @ W_t.T and s2t(h_s) @ W_t.T ≈ h_s @ W_s.T.
-
-        W_s (V, D_s), W_t (V, D_t) share rows (same vocabulary). Least squares:
-        t2s.weight = (W_s⁺ W_t) = pinv(W_sᵀW_s)·W_sᵀW_t  (D_s, D_t), bias 0; s2t symmetric.
-        """
-        self.t2s.weight.copy_(_lstsq_map(student_head, teacher_head))
-        self.s2t.weight.copy_(_lstsq_map(teacher_head, student_head))
-        self.t2s.bias.zero_()
-        self.s2t.bias.zero_()
-
-
-def _lstsq_map(w_out: Tensor, w_in: Tensor) -> Tensor:
-    """A (D_out, D_in) minimising ||w_out @ A - w_in||_F, via float64 normal equations."""
-    if w_out.shape[0] != w_in.shape[0]:
-        raise ValueError(f"pseudo-inverse init needs the same vocabulary: heads have "
-                         f"{w_out.shape[0]} and {w_in.shape[0]} rows")
-    a, b = w_out.double(), w_in.double()
-    gram = a.T @ a  # (D_out, D_out)
-    return (torch.linalg.pinv(gram, hermitian=True) @ (a.T @ b)).to(w_out.dtype)
 
 
 class DSKDCMA(DualSpaceLoss):

@@ -10,14 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from dskd.pipeline.losses.baselines import SFTLoss, ULDLoss, VanillaKD
 from dskd.pipeline.losses.divergences import OFFICIAL_NAMES, DivergenceOptions, canonical_divergence
-from dskd.pipeline.losses.dskd import DSKD, DSKDCMA
+from dskd.pipeline.losses.dskd import DSKD, DSKDCMA, DualSpaceLoss
+from dskd.pipeline.losses.dskd_v2 import DSKDETA, DSKDV2
+from dskd.pipeline.losses.pinv import S2TPinvMap, overlap_columns, t2s_pinv_weight, vocab_overlap
 from dskd.pipeline.losses.signals import DistillLoss
+from dskd.pipeline.token_align import prediction_map
 
-METHODS = ("sft", "kd", "dskd", "dskd-cma", "uld", "mined")
+METHODS = ("sft", "kd", "dskd", "dskd-cma", "dskd-v2", "dskd-eta", "uld", "mined")
+PROJECTOR_INITS = ("auto", "random", "pinv")
 DIVERGENCES = tuple(OFFICIAL_NAMES)
 
 
@@ -33,7 +38,10 @@ class LossOptions:
     teacher_space_divergence: Literal["official", "same"] = "official"  # official: always FKL
     cma_accuracy_filter: bool = True  # official: CMA student-space KD only where t2s is right
     unused_query_projector: bool = True  # official DSKD also builds an unused `query`
-    projector_init: Literal["default", "pinv"] = "default"  # pinv: DSKDv2 pseudo-inverse init
+    # auto = the official choice per method: random for dskd/dskd-cma (v1), pinv for dskd-v2 /
+    # dskd-eta (the official v2 scripts pass --init-t2s/s2t-projector; v2 fails without them)
+    projector_init: Literal["auto", "random", "pinv"] = "auto"
+    t2s_agreement: float = 1.0  # DSKDv2: filter the student-space KD while agreement ≤ this
     sparse_tail: Literal["bucket", "renorm"] = "bucket"  # top-k tail: one bucket or dropped
     teacher_target: Literal["auto", "dense", "sparse"] = "auto"  # kd/mined: which teacher form
     chunk_rows: int | None = None  # token rows per chunk (None: ~64 MiB per (rows, V) tensor)
@@ -57,9 +65,10 @@ def build_loss(
 ) -> DistillLoss:
     """Build the loss for `method` with `divergence` (short or official name).
 
-    d_student/d_teacher: hidden sizes (dskd, dskd-cma). student/teacher_tokenizer: HF
-    tokenizers (mined builds its vocabulary map from them). *_head_weight: LM heads, only for
-    projector_init='pinv'. options: fields of LossOptions; unknown names raise.
+    d_student/d_teacher: hidden sizes (dual-space methods). student/teacher_tokenizer: HF
+    tokenizers (mined and dskd-eta map vocabularies with them; a pinv init across vocabularies
+    finds the shared tokens with them). *_head_weight: LM heads (pinv init; dskd-eta maps
+    every teacher head row). options: fields of LossOptions; unknown names raise.
     """
     unknown = set(options) - _OPTION_NAMES
     if unknown:
@@ -89,20 +98,55 @@ def build_loss(
     else:
         if d_student is None or d_teacher is None:
             raise ValueError(f"{key} needs d_student and d_teacher (hidden sizes)")
-        dual = {"divergence_name": div, "opts": opts,
-                "teacher_space_divergence": o.teacher_space_divergence, **common}
-        if key == "dskd":
-            loss = DSKD(d_student, d_teacher, unused_query_projector=o.unused_query_projector,
-                        **dual)
-        else:
-            loss = DSKDCMA(d_student, d_teacher, accuracy_filter=o.cma_accuracy_filter, **dual)
+        loss = _dual_space(key, div, opts, o, common, d_student, d_teacher, student_tokenizer,
+                           teacher_tokenizer, student_head_weight, teacher_head_weight)
+    return loss
 
-    if o.projector_init == "pinv":
-        if not isinstance(loss, DSKD):
-            raise ValueError("projector_init='pinv' needs the same vocabulary: method 'dskd' only")
-        if student_head_weight is None or teacher_head_weight is None:
-            raise ValueError("projector_init='pinv' needs student_head_weight and teacher_head_weight")
-        loss.init_projectors_pinv(student_head_weight, teacher_head_weight)
-    elif o.projector_init != "default":
-        raise ValueError(f"projector_init must be 'default' or 'pinv', got {o.projector_init!r}")
+
+def resolve_projector_init(method: str, projector_init: str) -> str:
+    """'auto' → the official init of the method: pinv for DSKDv2, random for v1."""
+    if projector_init not in PROJECTOR_INITS:
+        raise ValueError(f"projector_init must be one of {', '.join(PROJECTOR_INITS)}, "
+                         f"got {projector_init!r}")
+    if projector_init != "auto":
+        return projector_init
+    return "pinv" if method in ("dskd-v2", "dskd-eta") else "random"
+
+
+def _dual_space(key: str, div: str, opts: DivergenceOptions, o: LossOptions, common: dict,
+                d_student: int, d_teacher: int, student_tok: Any, teacher_tok: Any,
+                student_head: Tensor | None, teacher_head: Tensor | None) -> DistillLoss:
+    """dskd, dskd-cma, dskd-v2, dskd-eta, with their projector init."""
+    init = resolve_projector_init(key, o.projector_init)
+    overlap = None
+    if (init == "pinv" or key == "dskd-eta") and (student_head is None or teacher_head is None):
+        raise ValueError(f"{key} with projector_init={init!r} needs student_head_weight and "
+                         "teacher_head_weight")
+    if key in ("dskd-cma", "dskd-eta") and (init == "pinv" or key == "dskd-eta") \
+            and (student_tok is None or teacher_tok is None):
+        raise ValueError(f"{key} needs student_tokenizer and teacher_tokenizer (the shared tokens "
+                         "of the pinv init; dskd-eta also maps the teacher's predictions)")
+    if init == "pinv" and key in ("dskd-cma", "dskd-eta"):
+        overlap = vocab_overlap(student_tok, teacher_tok)
+    dual = {"divergence_name": div, "opts": opts,
+            "teacher_space_divergence": o.teacher_space_divergence, **common}
+    if key in ("dskd-v2", "dskd-eta"):
+        s2t_map = S2TPinvMap(student_head, teacher_head, overlap) if init == "pinv" else None
+        v2 = {"s2t_map": s2t_map, "agreement_threshold": o.t2s_agreement, **dual}
+        if key == "dskd-v2":
+            loss: DualSpaceLoss = DSKDV2(d_student, d_teacher, **v2)
+        else:
+            pred_map = prediction_map(teacher_tok, student_tok, teacher_head.shape[0])
+            loss = DSKDETA(d_student, d_teacher, pred_map, **v2)
+        if init == "pinv":
+            with torch.no_grad():
+                p_s, p_t = overlap_columns(student_head, teacher_head, overlap)
+                loss.t2s.weight.copy_(t2s_pinv_weight(p_s, p_t))
+        return loss
+    if key == "dskd":
+        loss = DSKD(d_student, d_teacher, unused_query_projector=o.unused_query_projector, **dual)
+    else:
+        loss = DSKDCMA(d_student, d_teacher, accuracy_filter=o.cma_accuracy_filter, **dual)
+    if init == "pinv":
+        loss.init_projectors_pinv(student_head, teacher_head, overlap)
     return loss

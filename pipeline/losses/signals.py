@@ -59,6 +59,8 @@ class TeacherSignal:
     head_bias: Tensor | None = None  # (V_t,)
     head_logit_scale: float = 1.0  # logits = (hidden @ head.T + b) * scale (cache logit_scale)
     embed_weight: Tensor | None = None  # (V_t, D_t) input embeddings: CMA keys
+    # ETA: (teacher rows, student rows), each (B, K) int64, -1 = padding (token_align.Aligner)
+    alignment: tuple[Tensor, Tensor] | None = None
     topk_ids: Tensor | None = None  # (B, T_t, k)
     topk_logprobs: Tensor | None = None  # (B, T_t, k) log_softmax at τ=1, full vocabulary
     tail_logprob: Tensor | None = None  # (B, T_t) log(1 - Σ top-k probs)
@@ -143,6 +145,10 @@ class DistillLoss(nn.Module):
     needs_dense_teacher_logits: bool = False
     supports_sparse_teacher: bool = False
     needs_tokenizers: bool = False
+    needs_alignment: bool = False  # ETA: TeacherSignal.alignment (pipeline/token_align.py)
+    # compute(student, teacher, batch_denom): a loss whose official terms are not plain sums
+    # (DSKDv2 means) returns them × batch_denom, so terms / batch_denom stay the official logs
+    compute_needs_denom: bool = False
 
     def __init__(self, kd_rate: float = 0.5, chunk_rows: int | None = None) -> None:
         super().__init__()
@@ -165,10 +171,13 @@ class DistillLoss(nn.Module):
         if self.needs_teacher and teacher is None:
             raise ValueError(f"loss {self.method!r} needs a teacher signal")
         self._inter = {}
-        ce, kd, terms = self.compute(student, teacher)
-        loss_sum = ce if kd is None else (1.0 - self.kd_rate) * ce + self.kd_rate * kd
         if batch_denom is None:  # local count of student label tokens (never 0)
-            batch_denom = student.mask.sum().clamp(min=1).to(loss_sum.dtype)
+            batch_denom = student.mask.sum().clamp(min=1).float()
+        if self.compute_needs_denom:  # DSKDv2: its KD terms are means, kd is scaled back here
+            ce, kd, terms = self.compute(student, teacher, batch_denom)
+        else:
+            ce, kd, terms = self.compute(student, teacher)
+        loss_sum = ce if kd is None else (1.0 - self.kd_rate) * ce + self.kd_rate * kd
         terms = {"ce_loss": ce, **terms, "loss_sum": loss_sum}
         if kd is not None:
             terms["kd_loss"] = kd

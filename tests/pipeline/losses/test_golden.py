@@ -1,14 +1,18 @@
-"""Every file in the golden directory (official DSKD numbers) must be reproduced by our losses.
+"""Every file in the golden directory (official DSKD and DSKDv2 numbers, v2 in `v2/`) must be
+reproduced by our losses.
 
-The directory comes from $DSKD_GOLDEN_DIR, default <repo>/../shared/golden. A missing
+The directory comes from $DSKD_GOLDEN_DIR, default $DSKD_SHARED_DIR/golden or
+<repo>/../shared/golden. A missing
 directory, an unknown file, or a recorded output/gradient/intermediate that no check
 compared is a failure, never a skip. Tolerances follow the golden README: rtol 1e-5 with no
 atol for losses and terms, atol 1e-6 added for gradients and for logit-sized intermediates
-(entries near 0 where BLAS summation order moves the last bits), counts exactly.
+(entries near 0 where BLAS summation order moves the last bits), counts exactly. v2 files use
+the real tokenizers of ../shared/tokenizers.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -20,17 +24,21 @@ from safetensors.torch import load_file
 
 from dskd.pipeline.losses import build_loss
 from dskd.pipeline.losses.divergences import canonical_divergence, divergence
+from dskd.pipeline.losses.pinv import overlap_columns, t2s_pinv_weight, vocab_overlap
 from dskd.pipeline.losses.signals import StudentBatch, TeacherSignal
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
-GOLDEN_DIR = Path(os.environ.get("DSKD_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+SHARED_DIR = Path(os.environ.get("DSKD_SHARED_DIR") or REPO_ROOT.parent / "shared")
+GOLDEN_DIR = Path(os.environ.get("DSKD_GOLDEN_DIR") or SHARED_DIR / "golden")
 DOC_FILES = {"README.md"}  # documentation, recognised and not a case
 
 
+
 def _files() -> list[str]:
+    """Every file under the golden dir, sub-folders included (v2/…), as relative paths."""
     if not GOLDEN_DIR.is_dir():
         return ["<missing golden dir>"]
-    return sorted(p.name for p in GOLDEN_DIR.iterdir() if p.is_file())
+    return sorted(str(p.relative_to(GOLDEN_DIR)) for p in GOLDEN_DIR.rglob("*") if p.is_file())
 
 
 class Golden:
@@ -48,7 +56,8 @@ class Golden:
     def get(self, k: str):
         return self.t.get(k)
 
-    def close(self, key: str, actual: torch.Tensor, *, atol: float = 0.0, where=None) -> None:
+    def close(self, key: str, actual: torch.Tensor, *, atol: float = 0.0, where=None,
+              rtol: float = 1e-5) -> None:
         expected = self.t[key]
         actual = actual.detach()
         if expected.dtype in (torch.int64, torch.bool):
@@ -56,7 +65,7 @@ class Golden:
         else:
             if where is not None:
                 actual, expected = actual[where], expected[where]
-            torch.testing.assert_close(actual.float(), expected, rtol=1e-5, atol=atol,
+            torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=atol,
                                        msg=lambda m: f"{key}: {m}")
         self.checked.add(key)
 
@@ -259,35 +268,237 @@ def check_e2e(g: Golden) -> None:
     assert loss.query.weight.grad is None  # official: created, never used
 
 
+# ---------------------------------------------------------------------------------------------
+# v2/: DSKDv2 (same vocabulary and ETA) with the real tokenizers
+
+
+@functools.cache
+def _tokenizer(name: str, model_type: str):
+    """A real tokenizer as the official `Distiller.load_tokenizer` leaves it (qwen: EOS 151643)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(SHARED_DIR / "tokenizers" / name))
+    if model_type == "qwen":
+        tok.eos_token_id = 151643
+    return tok
+
+
+def _sparse_head(g: Golden, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V, d) head rebuilt from its non-zero rows (README), and the active ids."""
+    ids, rows = g[f"input.{side}_lm_head_ids"], g[f"input.{side}_lm_head_rows"]
+    w = torch.zeros(int(g[f"hparam.{side}_vocab_size"]), rows.shape[1])
+    w[ids] = rows
+    return w, ids
+
+
+def _official_alignment(g: Golden, s_tok, t_tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absolute (teacher rows, student rows) (B, K), -1 padded, from our official Aligner."""
+    from dskd.pipeline.token_align import Aligner, LabelTokens
+
+    aligner = Aligner(s_tok, t_tok, "official")
+    pairs = []
+    for lab_s, lab_t in zip(g["input.label"], g["input.teacher_label"]):
+        sides = []
+        for lab in (lab_t, lab_s):
+            sup = lab.ne(-100).nonzero().squeeze(1)
+            sides.append(LabelTokens(lab[sup].tolist(), int(sup[0]) if len(sup) else 0))
+        pairs.append(aligner(*sides))
+    K = max(1, max(len(p[0]) for p in pairs))
+    at = torch.full((len(pairs), K), -1, dtype=torch.long)
+    ast = torch.full((len(pairs), K), -1, dtype=torch.long)
+    for b, (ti, si) in enumerate(pairs):
+        at[b, : len(ti)], ast[b, : len(si)] = torch.tensor(ti, dtype=torch.long), \
+            torch.tensor(si, dtype=torch.long)
+    return at, ast
+
+
+def _relative(rows: torch.Tensor, labels: torch.Tensor, width: int) -> torch.Tensor:
+    """Absolute rows → indices relative to each sample's first label row, padded to `width`."""
+    first = labels.ne(-100).int().argmax(1, keepdim=True)
+    rel = torch.where(rows >= 0, rows - first, rows)
+    out = torch.full((rows.shape[0], width), -1, dtype=torch.long)
+    out[:, : min(width, rel.shape[1])] = rel[:, :width]
+    return out
+
+
+def check_v2(g: Golden, eta: bool) -> None:
+    meta = g.meta
+    s_tok = _tokenizer(meta["student_tokenizer"], meta["student_model_type"])
+    t_tok = _tokenizer(meta["teacher_tokenizer"], meta["teacher_model_type"])
+    assert s_tok.eos_token_id == int(g["hparam.student_eos_id"])
+    assert t_tok.eos_token_id == int(g["hparam.teacher_eos_id"])
+    w_s, s_ids = _sparse_head(g, "student")
+    w_t, t_ids = _sparse_head(g, "teacher")
+    w_s.requires_grad_()
+    hs = g["input.student_hidden"].clone().requires_grad_()
+    zs = hs @ w_s.T
+    zs.retain_grad()
+    ht = g["input.teacher_hidden"]
+    pinv = bool(g["hparam.init_s2t_projector"])
+    assert int(g["hparam.topk_vocab"]) == -1 and meta["init_t2s_projector"] == "true"
+    loss = build_loss("dskd-eta" if eta else "dskd-v2", meta["kd_objective"],
+                      d_student=hs.shape[-1], d_teacher=ht.shape[-1], student_tokenizer=s_tok,
+                      teacher_tokenizer=t_tok, student_head_weight=w_s.detach(),
+                      teacher_head_weight=w_t, projector_init="pinv" if pinv else "random",
+                      t2s_agreement=float(g["hparam.t2s_agreement"]), **_opts(g))
+    # our pseudo-inverse init vs the official one (README: 2e-6 of the largest entry)
+    overlap = vocab_overlap(s_tok, t_tok)
+    p_s, p_t = overlap_columns(w_s, w_t, overlap)
+    t2s_init = t2s_pinv_weight(p_s, p_t).float()
+    if pinv:
+        torch.testing.assert_close(loss.t2s.weight, t2s_init)
+        m = loss.s2t_map.matrix(w_s)
+        expected_m = g["derived.s2t_projector"]
+        g.close("derived.s2t_projector", m, rtol=0, atol=2e-6 * float(expected_m.abs().max()))
+        assert loss.s2t_map.n_tokens == int(g["hparam.n_pinv_tokens"])
+        # tight checks with the official M (README), as W_s does not change in this call
+        loss.s2t_map.matrix = lambda head: expected_m
+    expected_t2s = g["param.t2s.weight"]
+    torch.testing.assert_close(t2s_init, expected_t2s, rtol=0,
+                               atol=2e-6 * float(expected_t2s.abs().max()))
+    _load_params(loss, g)  # the official weights, for the tight checks below
+    loss.keep_intermediates = True
+
+    student = StudentBatch(labels=g["input.label"], logits=zs, hidden=hs, lm_head_weight=w_s)
+    teacher = TeacherSignal(labels=g["input.teacher_label"], hidden=ht, head_weight=w_t,
+                            logits=ht @ w_t.T)
+    if eta:
+        teacher.alignment = _official_alignment(g, s_tok, t_tok)
+    denom = g["hparam.loss_denom"]
+    out = loss(student, teacher, denom)
+    out.loss.backward()
+    inter = out.intermediates
+
+    # outputs: terms / batch_denom are the official logs (DSKDv2 terms are returned × denom)
+    for key in [k for k in g.t if k.startswith("output.")]:
+        name = key[len("output."):]
+        actual = out.loss if name == "loss" else \
+            out.terms["ce_loss" if name == "nll_loss" else name] / denom
+        g.close(key, actual)
+
+    per_token = {"t2s_kd_per_token", "s2t_kd_per_token"}
+    names = {"t2s_hiddens": "t2s_hiddens", "s2t_hiddens": "s2t_hiddens", "t_preds": "t_preds",
+             "tea_v_hiddens": "tea_v_hiddens", "stu_v_hiddens": "stu_v_hiddens",
+             "t_preds_as_label": "t_preds_as_label", "s2t_hiddens_align": "s2t_hiddens",
+             "t2s_kd_per_token": "t2s_kd_per_token", "s2t_kd_per_token": "s2t_kd_per_token"}
+    for key in [k for k in g.t if k.startswith("intermediate.")]:
+        name = key[len("intermediate."):]
+        if name == "t2s_logits_active":
+            g.close(key, inter["t2s_logits"][..., s_ids], atol=1e-6)
+        elif name == "s2t_logits_active":
+            g.close(key, inter["s2t_logits"][..., t_ids], atol=1e-6)
+        elif name in ("align_teacher_idx", "align_student_idx"):
+            rows = teacher.alignment[0 if "teacher" in name else 1]
+            labels = g["input.teacher_label" if "teacher" in name else "input.label"]
+            g.close(key, _relative(rows, labels, g[key].shape[1]))
+        else:
+            g.close(key, inter[names[name]], atol=1e-6 if name in per_token or
+                    inter[names[name]].is_floating_point() else 0.0)
+    derived = {"derived.t_preds": inter["t_preds"],
+               "derived.t2s_agreement_mask": inter["t2s_agreement_mask"]}
+    if eta:
+        derived.update({"derived.align_pair_used": inter["align_pair_used"],
+                        "derived.s2t_align_mask": inter["s2t_align_mask"],
+                        "derived.t2s_hiddens_align": inter["t2s_hiddens"]})
+    for key, actual in derived.items():
+        if key in g.t:
+            g.close(key, actual, atol=1e-6)
+
+    inactive = _first_missing(s_ids, w_s.shape[0])
+    grads = {"grad.student_hidden": hs.grad,
+             "grad.student_logits_active": zs.grad[..., s_ids],
+             "grad.student_logits_inactive": zs.grad[..., inactive],
+             "grad.student_lm_head_rows": w_s.grad[s_ids],
+             "grad.student_lm_head_inactive_row": w_s.grad[inactive],
+             "grad.t2s.weight": loss.t2s.weight.grad}
+    if not pinv:
+        grads["grad.s2t.weight"] = loss.s2t.weight.grad
+    for key in [k for k in g.t if k.startswith("grad.")]:
+        g.close(key, grads[key], atol=1e-5 * max(1.0, float(g[key].abs().max())))
+
+
+def _first_missing(ids: torch.Tensor, n: int) -> int:
+    present = torch.zeros(n, dtype=torch.bool)
+    present[ids] = True
+    return int((~present).nonzero()[0])
+
+
+def check_overlap(g: Golden, name: str) -> None:
+    """overlap_<student>_<teacher>: our shared-token list equals the official one."""
+    student, teacher = Path(name).stem.split("_")[1:]
+    s_ids, t_ids = vocab_overlap(_tokenizer(student, ""), _tokenizer(teacher, ""))
+    g.close("student_overlap_token_ids", s_ids)
+    g.close("teacher_overlap_token_ids", t_ids)
+
+
+def check_align_json(path: Path) -> None:
+    """align_*.json: the real tokenizers give the recorded tokens, and our official rule the
+    recorded alignment, sentence by sentence."""
+    from dskd.pipeline.token_align import align_official
+
+    d = json.loads(path.read_text())
+    s_tok = _tokenizer(d["student_tokenizer"], d["student_model_type"])
+    t_tok = _tokenizer(d["teacher_tokenizer"], d["teacher_model_type"])
+    assert [t_tok.eos_token, t_tok.eos_token_id] == d["teacher_eos"]
+    assert [s_tok.eos_token, s_tok.eos_token_id] == d["student_eos"]
+    assert d["cases"], path
+    for case in d["cases"]:
+        for tok, side in ((s_tok, "student"), (t_tok, "teacher")):
+            ids = tok.encode(case["text"], add_special_tokens=False) + [tok.eos_token_id]
+            assert ids == case[f"{side}_ids"], (case["text"], side)
+            assert tok.convert_ids_to_tokens(ids) == case[f"{side}_tokens"], case["text"]
+        ti, si = align_official(case["teacher_tokens"], case["student_tokens"],
+                                t_tok.eos_token, s_tok.eos_token)
+        assert (ti, si) == (case["align_teacher_idx"], case["align_student_idx"]), case["text"]
+
+
 CHECKS = {
     "divergences": check_divergences,
     "dskd_same_vocab": lambda g: check_dual_space(g, "dskd"),
     "dskd_cma": lambda g: check_dual_space(g, "dskd-cma"),
     "uld": check_uld,
     "dskd_e2e_gpt2": check_e2e,
+    "dskdv2_same_vocab": lambda g: check_v2(g, eta=False),
+    "dskdv2_eta": lambda g: check_v2(g, eta=True),
 }
+# files without a `case`: recognised by name, in v2/ only
+NAMED = {"overlap": "v2/overlap_", "align_json": "v2/align_"}
+
+
+def _case_of(name: str) -> str | None:
+    if name.startswith(NAMED["align_json"]) and name.endswith(".json"):
+        return "align_json"
+    if name.startswith(NAMED["overlap"]) and name.endswith(".safetensors"):
+        return "overlap"
+    if name.endswith(".safetensors"):
+        with safe_open(str(GOLDEN_DIR / name), "pt") as h:
+            return (h.metadata() or {}).get("case")
+    return None
 
 
 @pytest.mark.parametrize("name", _files())
 def test_golden_file(name: str) -> None:
     assert GOLDEN_DIR.is_dir(), f"golden directory {GOLDEN_DIR} not found (set DSKD_GOLDEN_DIR)"
-    if name in DOC_FILES:
+    if Path(name).name in DOC_FILES:
         assert (GOLDEN_DIR / name).read_text().strip(), f"{name} is empty"
+        return
+    case = _case_of(name)
+    if case == "align_json":
+        check_align_json(GOLDEN_DIR / name)
         return
     assert name.endswith(".safetensors"), f"unrecognised file in golden dir: {name}"
     g = Golden(GOLDEN_DIR / name)
-    case = g.meta.get("case")
-    assert case in CHECKS, f"{name}: no check for case {case!r}"
     torch.manual_seed(0)
+    if case == "overlap":
+        check_overlap(g, name)
+        assert g.checked == set(g.t), f"{name}: unchecked tensors {set(g.t) - g.checked}"
+        return
+    assert case in CHECKS, f"{name}: no check for case {case!r}"
     CHECKS[case](g)
     g.assert_all_checked()
 
 
 def test_golden_dir_has_every_case() -> None:
-    """Guards against a silently emptied directory: all five cases must be present."""
-    cases = set()
-    for name in _files():
-        if name.endswith(".safetensors"):
-            with safe_open(str(GOLDEN_DIR / name), "pt") as h:
-                cases.add((h.metadata() or {}).get("case"))
-    assert cases == set(CHECKS), cases
+    """Guards against a silently emptied directory: every case must be present."""
+    cases = {_case_of(n) for n in _files() if Path(n).name not in DOC_FILES}
+    assert cases == set(CHECKS) | set(NAMED), cases

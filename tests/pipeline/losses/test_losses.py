@@ -34,15 +34,18 @@ def _batch(seed: int = 0, v_t: int = V, t_t: int = T):
 
 def test_every_method_and_divergence_builds_and_runs():
     student, teacher = _batch()
-    for method in ("sft", "kd", "dskd", "dskd-cma", "uld"):
+    heads = {"student_head_weight": student.lm_head_weight, "teacher_head_weight": teacher.head_weight}
+    for method in ("sft", "kd", "dskd", "dskd-cma", "dskd-v2", "uld"):
         for div in OFFICIAL_NAMES:
-            loss = build_loss(method, div, d_student=DS, d_teacher=DT)
+            loss = build_loss(method, div, d_student=DS, d_teacher=DT, **heads)
             out = loss(student, teacher)
             assert torch.isfinite(out.loss), (method, div)
             assert {"ce_loss", "loss_sum"} <= set(out.terms)
             n = student.mask.sum()
             torch.testing.assert_close(out.loss, out.terms["loss_sum"] / n)
-    assert set(METHODS) == {"sft", "kd", "dskd", "dskd-cma", "uld", "mined"}
+    # mined and dskd-eta need real tokenizers: tests/pipeline/losses/test_mined_uld.py, the
+    # golden v2 files and tests/stages/test_distill_eta.py
+    assert set(METHODS) == {"sft", "kd", "dskd", "dskd-cma", "dskd-v2", "dskd-eta", "uld", "mined"}
 
 
 def test_bad_names_and_options_fail_clearly():
@@ -147,9 +150,57 @@ def test_pinv_projector_init():
     resid = ws @ loss.t2s.weight - wt
     assert (ws.T @ resid).abs().max() < 1e-3
     assert loss.t2s.bias.abs().max() == 0
-    with pytest.raises(ValueError, match="same vocabulary"):
+    with pytest.raises(ValueError, match="tokenizer"):  # the shared tokens come from them
         build_loss("dskd-cma", d_student=DS, d_teacher=DT, projector_init="pinv",
                    student_head_weight=ws, teacher_head_weight=wt)
+
+
+class _Vocab:
+    """The part of a tokenizer the overlap reads."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.vocab = {t: i for i, t in enumerate(tokens)}
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+
+def test_pinv_init_across_vocabularies_uses_the_shared_tokens():
+    """dskd-cma / dskd-eta: only tokens both vocabularies know ("Ġx" = "▁x") enter the pinv, and
+    on them the projected teacher reproduces the teacher's logits when that is possible."""
+    g = torch.Generator().manual_seed(1)
+    s_tok = _Vocab([f"Ġw{i}" for i in range(30)] + [f"s{i}" for i in range(7)])
+    t_tok = _Vocab([f"t{i}" for i in range(9)] + [f"▁w{i}" for i in range(30)])
+    ws = torch.randn(37, DS, generator=g)
+    wt = torch.randn(39, DT, generator=g)
+    wt[9:] = ws[:30] @ torch.randn(DS, DT, generator=g)  # shared rows: exactly expressible
+    loss = build_loss("dskd-cma", d_student=DS, d_teacher=DT, projector_init="pinv",
+                      student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+                      student_head_weight=ws, teacher_head_weight=wt)
+    ht = torch.randn(5, DT, generator=g)
+    torch.testing.assert_close(loss.t2s(ht) @ ws[:30].T, ht @ wt[9:].T, rtol=1e-3, atol=1e-3)
+    assert loss.t2s.bias.abs().max() == 0 and loss.s2t.bias.abs().max() == 0
+    random = build_loss("dskd-cma", d_student=DS, d_teacher=DT)
+    assert not torch.allclose(random.t2s.weight, loss.t2s.weight)
+
+
+def test_projector_init_defaults_follow_the_official_code():
+    from dskd.pipeline.losses.registry import resolve_projector_init
+
+    assert resolve_projector_init("dskd", "auto") == "random"
+    assert resolve_projector_init("dskd-cma", "auto") == "random"
+    assert resolve_projector_init("dskd-v2", "auto") == "pinv"
+    assert resolve_projector_init("dskd-eta", "auto") == "pinv"
+    student, teacher = _batch()
+    v2 = build_loss("dskd-v2", d_student=DS, d_teacher=DT, student_head_weight=student.lm_head_weight,
+                    teacher_head_weight=teacher.head_weight)
+    assert v2.s2t_map is not None and not hasattr(v2, "s2t") and v2.t2s.bias is None
+    assert set(v2.state_dict()) == {"t2s.weight"}  # the pinv map is rebuilt, never saved
+    v2r = build_loss("dskd-v2", d_student=DS, d_teacher=DT, projector_init="random",
+                     student_head_weight=student.lm_head_weight, teacher_head_weight=teacher.head_weight)
+    assert set(v2r.state_dict()) == {"t2s.weight", "s2t.weight"}
+    with pytest.raises(ValueError, match="projector_init"):
+        build_loss("dskd", d_student=DS, d_teacher=DT, projector_init="default")
 
 
 def test_batch_denom_and_kd_rate():
