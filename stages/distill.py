@@ -57,7 +57,7 @@ from dskd.pipeline.train.signal import (
 
 console = Console(stderr=True, soft_wrap=True)
 
-Method = Literal["sft", "kd", "dskd", "dskd-cma", "uld", "mined"]
+Method = Literal["sft", "kd", "dskd", "dskd-cma", "dskd-v2", "dskd-eta", "uld", "mined"]
 Divergence = Literal["fkl", "rkl", "js", "skl", "srkl", "akl", "tvd"]
 
 
@@ -98,6 +98,15 @@ class DistillConfig:
     kd_temperature: float = field(default=2.0, metadata={"help": "τ of every KD divergence"})
     skew_lambda: float = field(default=0.1, metadata={"help": "λ of skl/srkl"})
     adaptive_kl_alpha: float = field(default=0.5, metadata={"help": "head/tail split of akl"})
+    projector_init: Literal["auto", "random", "pinv"] = field(default="auto", metadata={
+        "help": "dual-space projectors: random, or pinv (DSKDv2 pseudo-inverse over the shared "
+                "tokens); auto = the official choice: pinv for dskd-v2/dskd-eta, else random"})
+    alignment: Literal["official", "offsets"] = field(default="official", metadata={
+        "help": "dskd-eta token alignment: official (DSKDv2 string rule) or offsets (same "
+                "characters of the text; recovers after a newline or accent)"})
+    t2s_agreement: float = field(default=1.0, metadata={
+        "help": "dskd-v2/dskd-eta: student-space KD only on rows where the projected teacher "
+                "agrees with the teacher, while the agreeing share is ≤ this (official 1.0: always)"})
     online_top_k: int = field(default=64, metadata={
         "help": "online --teacher-signal topk: k of the live top-k"})
     online_hidden_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
@@ -209,7 +218,10 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
                          teacher_tokenizer=teacher.tokenizer, kd_rate=cfg.kd_rate,
                          kd_temperature=cfg.kd_temperature, skew_lambda=cfg.skew_lambda,
                          adaptive_kl_alpha=cfg.adaptive_kl_alpha,
-                         teacher_target="sparse" if cfg.teacher_signal == "topk" else "dense")
+                         teacher_target="sparse" if cfg.teacher_signal == "topk" else "dense",
+                         student_head_weight=student.get_output_embeddings().weight,
+                         teacher_head_weight=None if teacher.head is None else teacher.head.weight,
+                         **loss_extras(cfg))
     if getattr(loss_fn, "query", None) is not None and cfg.method == "dskd":
         loss_fn.query.requires_grad_(False)  # the official unused projector: no grad, no DDP sync
     model = Distiller(student, loss_fn).to(device)
@@ -346,6 +358,16 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
 
 
 # --------------------------------------------------------------------------- helpers of the loop
+
+
+def loss_extras(cfg: DistillConfig) -> dict[str, Any]:
+    """Dual-space options, only for the methods that read them (build_loss rejects none)."""
+    if cfg.method not in ("dskd", "dskd-cma", "dskd-v2", "dskd-eta"):
+        return {}
+    extra: dict[str, Any] = {"projector_init": cfg.projector_init}
+    if cfg.method in ("dskd-v2", "dskd-eta"):
+        extra["t2s_agreement"] = cfg.t2s_agreement
+    return extra
 
 
 def teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig, loss_fn) -> Any:

@@ -132,6 +132,7 @@ def check_config(cfg: Any) -> RunInputs:
                             + "; ".join(vdiff))
         except CacheError as e:
             errs.append(str(e))
+    errs += _dual_space_check(cfg)
     if errs:
         raise ConfigError("distill: " + "\n  ".join([""] + errs))
     mode = "cache" if cfg.cache else ("online" if cfg.teacher else "data")
@@ -141,6 +142,27 @@ def check_config(cfg: Any) -> RunInputs:
     if cfg.eval_rouge:
         notes.append("best checkpoint = highest validation ROUGE-L (greedy generation)")
     return RunInputs(mode, template, max_prompt_len, max_len, manifest, valid_manifest, notes)
+
+
+def _dual_space_check(cfg: Any) -> list[str]:
+    """Options that only some methods read: refuse them elsewhere instead of ignoring them."""
+    errs = []
+    dual = ("dskd", "dskd-cma", "dskd-v2", "dskd-eta")
+    if getattr(cfg, "projector_init", "auto") != "auto" and cfg.method not in dual:
+        errs.append(f"--projector-init {cfg.projector_init}: --method {cfg.method} has no "
+                    f"projectors (it applies to {', '.join(dual)})")
+    if getattr(cfg, "alignment", "official") != "official" and cfg.method != "dskd-eta":
+        errs.append(f"--alignment {cfg.alignment}: only --method dskd-eta aligns tokens")
+    if getattr(cfg, "t2s_agreement", 1.0) != 1.0 and cfg.method not in ("dskd-v2", "dskd-eta"):
+        errs.append("--t2s-agreement: only --method dskd-v2 / dskd-eta filter by agreement")
+    return errs
+
+
+def needs_teacher_tokenizer(cfg: Any) -> bool:
+    """Methods that read the teacher's token strings: MinED and ETA map vocabularies, a pinv
+    init across vocabularies finds the shared tokens."""
+    return cfg.method in ("mined", "dskd-eta") or (
+        cfg.method == "dskd-cma" and getattr(cfg, "projector_init", "auto") == "pinv")
 
 
 def _dataset_check(cfg: Any, fp: dict[str, Any], template: str) -> list[str]:
@@ -176,7 +198,7 @@ def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch
         return TeacherSide("none")
     if inp.mode == "cache":
         m = inp.manifest
-        tok = _cache_teacher_tokenizer(m) if cfg.method == "mined" else None
+        tok = _cache_teacher_tokenizer(m, cfg.method) if needs_teacher_tokenizer(cfg) else None
         return TeacherSide(cfg.teacher_signal, cache_head(cfg.cache, m, device), None, tok,
                            int(m["layout"]["hidden_size"]), 0)
     from ..teachers.head import head_from_model
@@ -193,12 +215,13 @@ def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch
                        int(model.config.get_text_config().hidden_size), tok.pad_token_id)
 
 
-def _cache_teacher_tokenizer(manifest: dict[str, Any]) -> Any:
-    """MinED needs the teacher's tokenizer: the cache records where its teacher was."""
+def _cache_teacher_tokenizer(manifest: dict[str, Any], method: str = "mined") -> Any:
+    """The teacher's tokenizer (MinED, ETA, cross-vocabulary pinv): the cache records where its
+    teacher was."""
     path = manifest["teacher"].get("path")
     if not path or not Path(path).is_dir():
-        raise CacheError(f"--method mined needs the teacher's tokenizer; the cache's teacher path "
-                         f"{path!r} is not a directory here")
+        raise CacheError(f"--method {method} needs the teacher's tokenizer; the cache's teacher "
+                         f"path {path!r} is not a directory here")
     return load_tokenizer(path)[0]
 
 
@@ -234,7 +257,8 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
         if split == "train" and loss.needs_same_vocab:
             _check_same_vocab(source, student_tok, inp, cfg.method)
         build = BatchBuilder(**common, teacher_pad_id=0, teacher_fields=tuple(fields),
-                             with_teacher=with_teacher)
+                             with_teacher=with_teacher, aligner=_aligner(cfg, loss, student_tok,
+                                                                         teacher.tokenizer))
         return (source, build) if split == "train" else (source, build, None)
     if not data:
         return None
@@ -242,7 +266,9 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
                                           if inp.mode == "online" else None)
     online = inp.mode == "online" and with_teacher
     build = BatchBuilder(**common, teacher_tokenizer=teacher.tokenizer if online else None,
-                         teacher_pad_id=teacher.pad_id, with_teacher=online)
+                         teacher_pad_id=teacher.pad_id, with_teacher=online,
+                         aligner=_aligner(cfg, loss, student_tok, teacher.tokenizer) if online
+                         else None)
     if split == "train":
         if online and loss.needs_same_vocab:
             _check_same_vocab_tokenizers(examples[0], student_tok, teacher.tokenizer, inp, cfg.method)
@@ -250,6 +276,15 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
     # A KD run validated on a data file without teacher signal: report the student CE only.
     override = None if online or not with_teacher else SFTLoss()
     return ExampleSource(examples, lengths), build, override
+
+
+def _aligner(cfg: Any, loss: DistillLoss, student_tok: Any, teacher_tok: Any) -> Any:
+    """ETA's token aligner (runs in the loader workers), or None for other losses."""
+    if not loss.needs_alignment:
+        return None
+    from ..token_align import Aligner
+
+    return Aligner(student_tok, teacher_tok, cfg.alignment)
 
 
 def _load_tokenizable(path: str, cfg: Any, inp: RunInputs, student_tok: Any,

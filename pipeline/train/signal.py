@@ -111,6 +111,8 @@ def build_signal(t: dict[str, Tensor], head: TeacherHead, *, mode: str, needs_hi
     sig = TeacherSignal(labels=t["teacher_labels"], input_ids=t["teacher_input_ids"],
                         vocab_size=head.vocab_size,
                         embed_weight=head.embed if needs_embed else None)
+    if "align_teacher" in t:  # dskd-eta: pairs made by the batch builder
+        sig.alignment = (t["align_teacher"], t["align_student"])
     if mode == "exact" or needs_hidden:
         if hidden is None:
             raise ValueError("the teacher signal needs hidden states, but the batch has none")

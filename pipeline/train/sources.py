@@ -204,6 +204,7 @@ class BatchBuilder:
     teacher_fields: tuple[str, ...] = ()  # cache mode: per-token arrays to collate
     same_length: bool = False  # ULD: student and teacher padded to one length
     with_teacher: bool = True
+    aligner: Any = None  # dskd-eta: token_align.Aligner → align_teacher / align_student (B, K)
 
     def __call__(self, rows: list[Any], padding: bool) -> tuple[list[str], dict[str, Any]]:
         student = [self._student(r) for r in rows]
@@ -219,6 +220,8 @@ class BatchBuilder:
             tt = collate_tokens([t[0] for t in teacher], [t[1] for t in teacher],
                                 self.teacher_pad_id, pad_to=pad_to, masked=masked)
             out.update({f"teacher_{k}": v for k, v in tt.items()})
+            if self.aligner is not None:
+                out.update(self._align(rows, student, teacher, masked))
             T_t = tt["input_ids"].shape[1]
             for name in self.teacher_fields:
                 # padding rows are masked by the labels; id 0 keeps any gather in range
@@ -233,12 +236,33 @@ class BatchBuilder:
             check_row(row, ex)
         return ex
 
-    def _teacher(self, row: Any, student: TokenizedExample) -> tuple[list[int], int]:
+    def _teacher(self, row: Any, student: TokenizedExample) -> tuple[list[int], int, Any]:
+        """(ids, prompt_len, character spans) of the teacher sequence."""
         if isinstance(row, CachedExample):
-            return row.input_ids.tolist(), int(row.prompt_len)
+            return row.input_ids.tolist(), int(row.prompt_len), row.offsets
         t = tokenize_text(row.id, row.prompt, row.response, self.teacher_tokenizer,
                           self.max_prompt_len, self.max_len)
-        return t.input_ids, t.prompt_len
+        return t.input_ids, t.prompt_len, t.offsets
+
+    def _align(self, rows: list[Any], student: list[TokenizedExample], teacher: list[tuple],
+               masked: list[bool]) -> dict[str, torch.Tensor]:
+        """Aligned (teacher row, student row) pairs per example, -1 padded to (B, K)."""
+        from ..token_align import label_tokens
+
+        pairs = []
+        for s, t, m in zip(student, teacher, masked):
+            if m:  # a padding row: nothing is supervised, nothing aligns
+                pairs.append(([], []))
+                continue
+            pairs.append(self.aligner(label_tokens(t[0], t[1], t[2]),
+                                      label_tokens(s.input_ids, s.prompt_len, s.offsets), s.text))
+        K = max(1, max(len(p[0]) for p in pairs))
+        at = torch.full((len(rows), K), -1, dtype=torch.long)
+        ast = torch.full((len(rows), K), -1, dtype=torch.long)
+        for b, (ti, si) in enumerate(pairs):
+            at[b, : len(ti)] = torch.as_tensor(ti, dtype=torch.long)
+            ast[b, : len(si)] = torch.as_tensor(si, dtype=torch.long)
+        return {"align_teacher": at, "align_student": ast}
 
 
 def _id(row: Any) -> str:
