@@ -176,17 +176,19 @@ class DSKDETA(DualSpaceV2):
         t2s_kd = self.filtered_kd(s[:, T2S_KD], agree, has_target, t2s_agreement, n_map)
         s2t_mask = s2t_rows.reshape(-1)
         s2t_kd = masked_sum(t[:, S2T_KD], s2t_mask) / s2t_mask.sum().clamp(min=1e-8)
-        # per example: aligned pairs / student label tokens; 1.0 when nothing aligned (official)
+        # per example: aligned pairs / student label tokens; 1.0 when nothing aligned (official).
+        # Padding rows of an uneven last batch (no labels) are left out of the mean.
         n_pairs, n_labels = paired.sum(1), student.mask.sum(1)
-        ratio = torch.where(n_pairs > 0, n_pairs / n_labels.clamp(min=1), torch.ones_like(
-            n_pairs, dtype=torch.float))
+        ratio = torch.where(n_pairs > 0, n_pairs / n_labels.clamp(min=1), 1.0)
+        real = n_labels > 0
+        ratio = torch.where(real.any(), masked_sum(ratio, real) / real.sum().clamp(min=1), 1.0)
         kd = t2s_kd + t2s_ce + s2t_kd
         t2s_acc = masked_sum(s[:, T2S_HIT_LABEL], mask).long()
         terms = {
             "t2s_ce_loss": t2s_ce * denom,
             "t2s_kd_loss": t2s_kd * denom,
             "s2t_kd_loss": s2t_kd * denom,
-            "align_ratio": ratio.float().mean() * denom,
+            "align_ratio": ratio * denom,
             "t2s_agreement": t2s_agreement * denom,
             "t_preds_as_label_acc": (has_target & yt.eq(y)).sum() / n_map * denom,
             "t2s_agreement_ratio": agree.sum(),

@@ -19,8 +19,8 @@ from dskd.stages.distill import DistillConfig, run
 ETA_TERMS = {"t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss", "align_ratio", "t2s_agreement"}
 
 
-def _cfg(student: Path, cache: Path, out: Path, **kw) -> DistillConfig:
-    base = {"student": str(student), "cache": str(cache), "out": str(out), "batch_size": 4,
+def _cfg(student: Path, cache: Path | None, out: Path, **kw) -> DistillConfig:
+    base = {"student": str(student), "cache": cache and str(cache), "out": str(out), "batch_size": 4,
             "max_steps": 2, "eval_interval": 1000, "save_interval": 1000, "num_workers": 0,
             "log_interval": 1, "tensorboard": False, "seed": 3}
     return DistillConfig(**(base | kw))
@@ -42,7 +42,7 @@ def toy(toy_world, tmp_path_factory):
     cache_run(CacheTeacherConfig(teacher=str(toy_world.teacher), data=str(d / "train.jsonl"),
                                  out=str(d / "cache"), shard_size=16, top_k=8,
                                  batch_tokens=4096, progress=False))
-    return {"toy": toy_world, "cache": d / "cache"}
+    return {"toy": toy_world, "cache": d / "cache", "data": d / "train.jsonl"}
 
 
 @pytest.mark.parametrize("alignment", ["official", pytest.param("offsets", marks=pytest.mark.slow)])
@@ -53,6 +53,19 @@ def test_dskd_eta_trains_a_cross_vocab_student_from_the_toy_cache(toy, tmp_path,
     assert len(rows) == 2 and _finite(rows) and ETA_TERMS <= rows[0].keys()
     assert 0 < rows[0]["align_ratio"] <= 1 and rows[0]["s2t_kd_loss"] > 0
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_dskd_eta_from_the_cache_equals_online(toy, tmp_path):
+    """Same alignment, predictions and losses whether the teacher rows come from the cache or
+    from the live teacher (rounded to the cache's fp16, as in test_distill's exactness proof)."""
+    common = {"method": "dskd-eta", "max_steps": 2}
+    run(_cfg(toy["toy"].student_xvocab, toy["cache"], tmp_path / "cache", **common))
+    run(_cfg(toy["toy"].student_xvocab, None, tmp_path / "online", teacher=str(toy["toy"].teacher),
+             data=str(toy["data"]), online_hidden_dtype="fp16", **common))
+    for a, b in zip(_rows(tmp_path / "cache"), _rows(tmp_path / "online"), strict=True):
+        for k in ("loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss", "align_ratio"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
 
 
 def test_dskd_v2_trains_a_same_vocab_student_and_resumes(toy, tmp_path):
