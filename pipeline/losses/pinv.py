@@ -43,8 +43,10 @@ def vocab_overlap(student_tok: Any, teacher_tok: Any) -> tuple[Tensor, Tensor] |
 
 def overlap_columns(student_head: Tensor, teacher_head: Tensor,
                     overlap: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
-    """P_s (D_s, N), P_t (D_t, N): head columns of the shared tokens (float64)."""
-    w_s, w_t = student_head.detach().double(), teacher_head.detach().double()
+    """P_s (D_s, N), P_t (D_t, N): head columns of the shared tokens (float64), on the teacher
+    head's device (the trainer builds the loss with the student still on the CPU)."""
+    w_t = teacher_head.detach().double()
+    w_s = student_head.detach().to(w_t.device, torch.float64)
     if overlap is None:  # same vocabulary: a padded head (Qwen) has extra rows no token reaches
         n = min(w_s.shape[0], w_t.shape[0])
         return w_s[:n].T, w_t[:n].T
