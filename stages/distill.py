@@ -24,7 +24,7 @@ from rich.console import Console
 
 from dskd.pipeline.config import save_config, to_dict
 from dskd.pipeline.failpoints import failpoint
-from dskd.pipeline.losses.registry import build_loss
+from dskd.pipeline.losses.registry import DSKD_V2, DUAL_SPACE, build_loss
 from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
 from dskd.pipeline.train.distiller import Distiller
@@ -362,10 +362,10 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
 
 def loss_extras(cfg: DistillConfig) -> dict[str, Any]:
     """Dual-space options, only for the methods that read them (build_loss rejects none)."""
-    if cfg.method not in ("dskd", "dskd-cma", "dskd-v2", "dskd-eta"):
+    if cfg.method not in DUAL_SPACE:
         return {}
     extra: dict[str, Any] = {"projector_init": cfg.projector_init}
-    if cfg.method in ("dskd-v2", "dskd-eta"):
+    if cfg.method in DSKD_V2:
         extra["t2s_agreement"] = cfg.t2s_agreement
     return extra
 

@@ -22,6 +22,8 @@ from dskd.pipeline.losses.signals import DistillLoss
 from dskd.pipeline.token_align import prediction_map
 
 METHODS = ("sft", "kd", "dskd", "dskd-cma", "dskd-v2", "dskd-eta", "uld", "mined")
+DUAL_SPACE = ("dskd", "dskd-cma", "dskd-v2", "dskd-eta")  # methods with t2s/s2t projectors
+DSKD_V2 = ("dskd-v2", "dskd-eta")
 PROJECTOR_INITS = ("auto", "random", "pinv")
 DIVERGENCES = tuple(OFFICIAL_NAMES)
 
@@ -110,7 +112,7 @@ def resolve_projector_init(method: str, projector_init: str) -> str:
                          f"got {projector_init!r}")
     if projector_init != "auto":
         return projector_init
-    return "pinv" if method in ("dskd-v2", "dskd-eta") else "random"
+    return "pinv" if method in DSKD_V2 else "random"
 
 
 def _dual_space(key: str, div: str, opts: DivergenceOptions, o: LossOptions, common: dict,
@@ -130,7 +132,7 @@ def _dual_space(key: str, div: str, opts: DivergenceOptions, o: LossOptions, com
         overlap = vocab_overlap(student_tok, teacher_tok)
     dual = {"divergence_name": div, "opts": opts,
             "teacher_space_divergence": o.teacher_space_divergence, **common}
-    if key in ("dskd-v2", "dskd-eta"):
+    if key in DSKD_V2:
         s2t_map = S2TPinvMap(student_head, teacher_head, overlap) if init == "pinv" else None
         v2 = {"s2t_map": s2t_map, "agreement_threshold": o.t2s_agreement, **dual}
         if key == "dskd-v2":

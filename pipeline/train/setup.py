@@ -146,14 +146,15 @@ def check_config(cfg: Any) -> RunInputs:
 
 def _dual_space_check(cfg: Any) -> list[str]:
     """Options that only some methods read: refuse them elsewhere instead of ignoring them."""
+    from ..losses.registry import DSKD_V2, DUAL_SPACE
+
     errs = []
-    dual = ("dskd", "dskd-cma", "dskd-v2", "dskd-eta")
-    if getattr(cfg, "projector_init", "auto") != "auto" and cfg.method not in dual:
+    if getattr(cfg, "projector_init", "auto") != "auto" and cfg.method not in DUAL_SPACE:
         errs.append(f"--projector-init {cfg.projector_init}: --method {cfg.method} has no "
-                    f"projectors (it applies to {', '.join(dual)})")
+                    f"projectors (it applies to {', '.join(DUAL_SPACE)})")
     if getattr(cfg, "alignment", "official") != "official" and cfg.method != "dskd-eta":
         errs.append(f"--alignment {cfg.alignment}: only --method dskd-eta aligns tokens")
-    if getattr(cfg, "t2s_agreement", 1.0) != 1.0 and cfg.method not in ("dskd-v2", "dskd-eta"):
+    if getattr(cfg, "t2s_agreement", 1.0) != 1.0 and cfg.method not in DSKD_V2:
         errs.append("--t2s-agreement: only --method dskd-v2 / dskd-eta filter by agreement")
     return errs
 
