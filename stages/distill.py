@@ -24,7 +24,12 @@ from rich.console import Console
 
 from dskd.pipeline.config import save_config, to_dict
 from dskd.pipeline.failpoints import failpoint
-from dskd.pipeline.losses.registry import DSKD_V2, DUAL_SPACE, build_loss
+from dskd.pipeline.losses.registry import (
+    DSKD_V2,
+    DUAL_SPACE,
+    build_loss,
+    resolve_projector_init,
+)
 from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
 from dskd.pipeline.train.distiller import Distiller
@@ -244,6 +249,9 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     say(f"[bold]distill[/] {cfg.method} ({cfg.divergence}, signal {teacher.mode}) · "
         f"{source.num_rows} train rows · {stream.steps_per_epoch} steps/epoch · "
         f"{env.world_size} process(es) on {device}")
+    if cfg.method in DUAL_SPACE:  # what 'auto' resolved to, and ETA's alignment rule
+        say(f"projectors: {resolve_projector_init(cfg.method, cfg.projector_init)} init"
+            + (f" · alignment {cfg.alignment}" if cfg.method == "dskd-eta" else ""))
 
     # ---- optimizer (student + projectors) and schedule (now that the step count is known)
     total_steps = cfg.max_steps or stream.total_steps(cfg.epochs)
