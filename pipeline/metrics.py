@@ -13,6 +13,7 @@ import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,11 +156,53 @@ def average_over_sets(summaries: Sequence[Mapping]) -> dict:
 # --------------------------------------------------------------------------- fidelity from a cache
 
 
-def _student_ids(tokenizer: Any, prompt: str, response: str) -> tuple[list[int], int]:
-    """Training's tokenization (no BOS, separate prompt/response, EOS appended), untruncated."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return list(p) + list(r) + [tokenizer.eos_token_id], len(p)
+def cache_vocab_match(tokenizer: Any, tokenizer_dir: str | Path, manifest: Mapping[str, Any],
+                      rows: Sequence[Any] = ()) -> tuple[bool, str]:
+    """Does `tokenizer` share the cache teacher's vocabulary? Decided once, before scoring.
+
+    1. its files have the fingerprint the cache recorded → same;
+    2. else, with the teacher's tokenizer at hand (the manifest's teacher path), the vocabulary
+       fingerprints of the two decide (files may differ in bytes and still tokenize alike);
+    3. else the first cached `rows`, tokenized with the cache's limits, must give the cached ids.
+    Returns (same, how it was decided).
+    """
+    from .cache.fingerprint import tokenizer_fingerprint, vocab_fingerprint
+
+    recorded = (manifest.get("fingerprints") or {}).get("tokenizer")
+    try:
+        if recorded and tokenizer_fingerprint(tokenizer_dir) == recorded:
+            return True, "tokenizer files identical to the cache's"
+    except FileNotFoundError:
+        pass
+    teacher_dir = (manifest.get("teacher") or {}).get("path")
+    if teacher_dir and Path(teacher_dir).is_dir():
+        from transformers import AutoTokenizer
+
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+        same = vocab_fingerprint(tokenizer) == vocab_fingerprint(teacher_tok)
+        return same, f"vocabulary fingerprint {'equals' if same else 'differs from'} the teacher's"
+    limits = cache_limits(manifest)
+    same = bool(rows) and all(_tokenize_like_cache(tokenizer, r, limits) == (
+        [int(i) for i in r.input_ids], int(r.prompt_len)) for r in rows)
+    return same, f"first {len(rows)} cached examples {'re-tokenize' if same else 'do not re-tokenize'} alike"
+
+
+def cache_limits(manifest: Mapping[str, Any]) -> tuple[int, int]:
+    """(max_prompt_len, max_len) the cache tokenized with."""
+    fp = manifest.get("fingerprints") or {}
+    return int(fp.get("max_prompt_len", 256)), int(fp.get("max_len", 512))
+
+
+def _tokenize_like_cache(tokenizer: Any, ex: Any, limits: tuple[int, int]
+                         ) -> tuple[list[int], int] | None:
+    """Training's tokenization under the cache's limits (prompt cut, sequence cut), or None."""
+    from .tokenize import TokenizeError, tokenize_text
+
+    try:
+        t = tokenize_text(ex.example_id, ex.prompt, ex.response, tokenizer, *limits)
+    except TokenizeError:
+        return None
+    return list(t.input_ids), t.prompt_len
 
 
 @torch.no_grad()
@@ -169,6 +212,9 @@ def cache_fidelity(
     model: torch.nn.Module,
     tokenizer: Any,
     *,
+    same_vocab: bool,
+    max_prompt_len: int = 256,
+    max_len: int = 512,
     head_bias: torch.Tensor | None = None,
     logit_scale: float = 1.0,
     limit: int | None = None,
@@ -176,32 +222,35 @@ def cache_fidelity(
     """Student vs cached teacher on response positions: KL(T‖S), top-1 agreement, NLL, PPL.
 
     `examples` are cache rows (`example_id, prompt, response, input_ids, prompt_len, hidden
-    (n-1, D_t), label_mask`); teacher logits = (hidden @ W.T + b) * logit_scale. KL and agreement
-    need the student to tokenize the text exactly as the cache did (same vocabulary); otherwise
-    only NLL/PPL are reported, on the student's own tokenization of the same responses. Both
-    logit rows are cut to the smaller V (models pad their vocab past len(tokenizer)).
+    (n-1, D_t), label_mask`); teacher logits = (hidden @ W.T + b) * logit_scale. The student
+    tokenizes each row as training does, with the cache's `max_prompt_len`/`max_len`. KL and
+    agreement need `same_vocab` (decide it once, `cache_vocab_match`); an example that still
+    tokenizes otherwise is left out of them and counted (`fidelity_skipped`). NLL/PPL are on the
+    student's own tokenization. Both logit rows are cut to the smaller V (models pad their vocab
+    past len(tokenizer)).
     """
     device = next(model.parameters()).device
     fid: dict[str, float] = {}
     nll: dict[str, float] = {}
-    same_vocab = True
-    n = 0
+    n = skipped = 0
     for ex in examples:
         if limit is not None and n >= limit:
             break
         n += 1
-        cached = [int(i) for i in ex.input_ids]
-        ids, plen = _student_ids(tokenizer, ex.prompt, ex.response)
-        matches = ids[: len(cached)] == cached and plen == ex.prompt_len
-        if matches:
-            ids = cached  # the cache may have cut the sequence at its max_len
-        same_vocab = same_vocab and matches
+        mine = _tokenize_like_cache(tokenizer, ex, (max_prompt_len, max_len))
+        if mine is None:  # the student cannot fit this example in the cache's limits
+            skipped += 1 if same_vocab else 0
+            continue
+        ids, plen = mine
         x = torch.tensor(ids[:-1], device=device)[None]  # (1, n-1)
         s_logits = model(input_ids=x).logits[0].float()  # (n-1, V_s)
         labels = torch.tensor(ids[1:], device=device)  # (n-1,) already shifted
         labels[: plen - 1] = -100
         add_sums(nll, response_nll(s_logits, labels))
         if not same_vocab or ex.hidden is None:
+            continue
+        if ids != [int(i) for i in ex.input_ids] or plen != int(ex.prompt_len):
+            skipped += 1
             continue
         rows = torch.as_tensor(ex.label_mask, device=device)  # (n-1,) response positions
         h = torch.as_tensor(ex.hidden, device=device)[rows]  # (R, D_t)
@@ -215,4 +264,8 @@ def cache_fidelity(
     out["examples"] = n
     if not same_vocab:
         out["note"] = "student vocabulary differs from the cache's; KL and top-1 need the same one"
+    elif skipped:
+        out["fidelity_skipped"] = skipped
+        out["note"] = (f"{skipped} example(s) tokenize differently from the cache and are left "
+                       "out of KL and top-1")
     return out

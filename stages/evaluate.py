@@ -416,10 +416,16 @@ def cache_fidelity(cfg: EvalConfig, model_dir: Path, generator: _Generator | Non
         model, tok = gen.load_model(model_dir, _device(cfg.device), cfg.dtype)
     device = next(model.parameters()).device
     head = load_head(cfg.cache, device=str(device))
-    return metrics.cache_fidelity(
-        reader, head["lm_head.weight"], model, tok, head_bias=head.get("lm_head.bias"),
-        logit_scale=float(reader.manifest.get("head", {}).get("logit_scale", 1.0)),
-        limit=cfg.limit)
+    manifest = reader.manifest
+    first = [ex for _, ex in zip(range(8), reader)]
+    same, how = metrics.cache_vocab_match(tok, model_dir, manifest, first)
+    max_prompt_len, max_len = metrics.cache_limits(manifest)  # the cache's, not --max-prompt-len
+    out = metrics.cache_fidelity(
+        reader, head["lm_head.weight"], model, tok, same_vocab=same,
+        max_prompt_len=max_prompt_len, max_len=max_len, head_bias=head.get("lm_head.bias"),
+        logit_scale=float(manifest.get("head", {}).get("logit_scale", 1.0)), limit=cfg.limit)
+    out["vocabulary"] = how
+    return out
 
 
 def score_all(texts: dict[tuple[str, str, int], list[str]],

@@ -77,3 +77,15 @@ def dataset_fingerprint(examples: Iterable[tuple[str, str, str]]) -> str:
             b = s.encode("utf-8")
             h.update(len(b).to_bytes(8, "little") + b)  # length-prefixed: no ambiguity
     return h.hexdigest()[:16]
+
+
+def vocab_fingerprint(tokenizer: object) -> str:
+    """What turns text into ids, from a loaded fast tokenizer: model (vocabulary, merges),
+    normalizer, pre-tokenizer, added tokens, EOS id. Equal fingerprints tokenize any text to the
+    same ids, even when the files differ in bytes (a re-saved tokenizer_config.json, a student
+    of the teacher's family)."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())  # type: ignore[attr-defined]
+    keep = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}
+    keep["added_tokens"] = sorted((t["id"], t["content"]) for t in spec.get("added_tokens") or [])
+    keep["eos"] = getattr(tokenizer, "eos_token_id", None)
+    return _h(json.dumps(keep, sort_keys=True).encode())

@@ -119,13 +119,15 @@ def test_average_over_sets():
 # --------------------------------------------------------------------------- cache fidelity
 
 
-def _fake_cache_rows(teacher, tok, examples):
+def _fake_cache_rows(teacher, tok, examples, max_prompt_len=256, max_len=512):
     """Cache rows as the reader yields them, made from the teacher's forward (hidden = LM input)."""
     from dskd.pipeline.cache.reader import CachedExample
+    from dskd.pipeline.tokenize import tokenize_example
 
     rows = []
     for i, ex in enumerate(examples):
-        ids, plen = metrics._student_ids(tok, ex.prompt, ex.response)
+        t = tokenize_example(ex, tok, max_prompt_len, max_len)
+        ids, plen = t.input_ids, t.prompt_len
         x = torch.tensor(ids[:-1])[None]
         with torch.no_grad():
             hidden = teacher(input_ids=x, output_hidden_states=True).hidden_states[-1][0]
@@ -152,7 +154,7 @@ def fidelity_world(toy_world):
 
 def test_cache_fidelity_teacher_against_itself(fidelity_world):
     _, teacher, tok, rows, _ = fidelity_world
-    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, teacher, tok)
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, teacher, tok, same_vocab=True)
     assert out["kl"] == pytest.approx(0.0, abs=1e-5)
     assert out["top1_agreement"] == 100.0
     assert out["examples"] == 4 and "note" not in out
@@ -173,7 +175,7 @@ def test_cache_fidelity_teacher_against_itself(fidelity_world):
 def test_cache_fidelity_same_vocab_student(fidelity_world):
     world, teacher, _tok, rows, load = fidelity_world
     student, stok = load(world.student)
-    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok)
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok, same_vocab=True)
     # recompute KL(T‖S) over response positions directly from both models' logits
     kl, agree, n = 0.0, 0, 0
     for r in rows:
@@ -192,9 +194,57 @@ def test_cache_fidelity_same_vocab_student(fidelity_world):
 def test_cache_fidelity_cross_vocab_student_reports_nll_only(fidelity_world):
     world, teacher, _, rows, load = fidelity_world
     student, stok = load(world.student_xvocab)
-    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok, limit=2)
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, student, stok, limit=2,
+                                 same_vocab=False)
     assert out["kl"] is None and out["top1_agreement"] is None
     assert out["nll"] > 0 and out["examples"] == 2
     assert "vocabulary" in out["note"]
     with pytest.raises(ValueError, match="no examples"):
-        metrics.cache_fidelity([], teacher.lm_head.weight, student, stok)
+        metrics.cache_fidelity([], teacher.lm_head.weight, student, stok, same_vocab=False)
+
+
+def test_cache_fidelity_with_prompts_cut_by_the_cache(fidelity_world):
+    """Prompts longer than the cache's max_prompt_len: scored with the cache's limits, the teacher
+    against itself is still KL 0 / top-1 100 on every example (not a vanished metric)."""
+    world, teacher, tok, _, _ = fidelity_world
+    from dskd.pipeline.data import load_examples
+
+    rows = _fake_cache_rows(teacher, tok, load_examples(world.valid)[:4], max_prompt_len=3)
+    assert all(r.prompt_len == 3 for r in rows)  # every prompt was cut
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, teacher, tok, same_vocab=True,
+                                 max_prompt_len=3)
+    assert out["kl"] == pytest.approx(0.0, abs=1e-5) and out["top1_agreement"] == 100.0
+    assert out["fidelity_tokens"] == sum(int(r.label_mask.sum()) for r in rows)
+    assert "note" not in out
+    # a row the student tokenizes otherwise drops out of KL/top-1 alone, and is counted
+    rows[0].input_ids[-2] = (int(rows[0].input_ids[-2]) + 1) % len(tok)
+    out = metrics.cache_fidelity(rows, teacher.lm_head.weight, teacher, tok, same_vocab=True,
+                                 max_prompt_len=3)
+    assert out["fidelity_skipped"] == 1 and out["top1_agreement"] == 100.0
+    assert out["fidelity_tokens"] == sum(int(r.label_mask.sum()) for r in rows[1:])
+
+
+def test_cache_vocab_match_from_fingerprints(fidelity_world, tmp_path):
+    import json
+    import shutil
+
+    world, _, tok, rows, load = fidelity_world
+    from dskd.pipeline.cache.fingerprint import tokenizer_fingerprint
+
+    fp = {"tokenizer": tokenizer_fingerprint(world.teacher), "max_prompt_len": 256, "max_len": 512}
+    same = {"fingerprints": fp, "teacher": {"path": str(world.teacher)}}
+    assert metrics.cache_vocab_match(tok, world.teacher, same)[0]
+    # a re-saved copy (other bytes, same vocabulary) is recognised through the teacher's tokenizer
+    copy = tmp_path / "copy"
+    shutil.copytree(world.teacher, copy)
+    cfg = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 77}))
+    assert tokenizer_fingerprint(copy) != fp["tokenizer"]
+    ok, how = metrics.cache_vocab_match(load(copy)[1], copy, same)
+    assert ok and "vocabulary fingerprint" in how
+    _, xtok = load(world.student_xvocab)
+    assert not metrics.cache_vocab_match(xtok, world.student_xvocab, same)[0]
+    # no teacher tokenizer here: the first rows decide
+    gone = {"fingerprints": fp, "teacher": {"path": str(tmp_path / "absent")}}
+    assert metrics.cache_vocab_match(load(copy)[1], copy, gone, rows)[0]
+    assert not metrics.cache_vocab_match(xtok, world.student_xvocab, gone, rows)[0]

@@ -336,6 +336,25 @@ def test_fidelity_against_a_real_teacher_cache(toy_world, tmp_path):
     assert "## Fidelity to the teacher" in report and "| student_xvocab |" in report
 
 
+def test_fidelity_does_not_vanish_when_the_cache_cut_prompts(toy_world, tmp_path):
+    """A cache made with a short --max-prompt-len (every prompt cut): the teacher against it is
+    KL≈0 / top-1 100 on every example, and a same-vocabulary student still gets KL."""
+    from dskd.stages.cache_teacher import CacheTeacherConfig
+    from dskd.stages.cache_teacher import run as cache_run
+
+    cache = tmp_path / "cache"
+    cache_run(CacheTeacherConfig(teacher=str(toy_world.teacher), data=str(toy_world.test),
+                                 out=str(cache), limit=4, max_prompt_len=4, progress=False))
+    c = _cfg(toy_world, tmp_path / "o", cache=str(cache))
+    teacher = ev.cache_fidelity(c, toy_world.teacher, None)
+    assert teacher["kl"] == pytest.approx(0.0, abs=1e-3)
+    assert teacher["top1_agreement"] == pytest.approx(100.0)
+    assert teacher["examples"] == 4 and "note" not in teacher
+    assert "identical" in teacher["vocabulary"]
+    student = ev.cache_fidelity(c, toy_world.student, None)
+    assert student["kl"] > teacher["kl"] and student["fidelity_tokens"] == teacher["fidelity_tokens"]
+
+
 def test_missing_cache_dir_is_reported(toy_world, tmp_path):
     with pytest.raises(ev.EvalError, match="--cache .* is not a directory"):
         ev.run(_cfg(toy_world, tmp_path / "x", cache=str(tmp_path / "nocache")))
