@@ -57,7 +57,6 @@ class VanillaKD(DistillLoss):
 
     method = "kd"
     needs_same_vocab = True
-    supports_sparse_teacher = True
 
     def __init__(self, divergence_name: str = "fkl", opts: DivergenceOptions | None = None,
                  teacher_target: str = "auto", **kw) -> None:

@@ -332,7 +332,6 @@ class MinEDLoss(DistillLoss):
 
     method = "mined"
     needs_tokenizers = True
-    supports_sparse_teacher = True
 
     def __init__(self, student_tokenizer, teacher_tokenizer, divergence_name: str = "fkl",
                  opts: DivergenceOptions | None = None, *, teacher_target: str = "auto",

@@ -27,6 +27,32 @@ DSKD_V2 = ("dskd-v2", "dskd-eta")
 PROJECTOR_INITS = ("auto", "random", "pinv")
 DIVERGENCES = tuple(OFFICIAL_NAMES)
 
+# Which teacher signal (`dskd distill --teacher-signal`) each method can learn from; checked
+# before any model loads. exact: full logits = cached hidden @ head; topk: cached top-k + tail.
+# The dual-space methods project hidden states and rebuild full logits in the teacher space, so
+# a top-k signal would add nothing; ULD sorts the whole distribution. Add a signal (e.g.
+# `sampled`) here and in the losses that read it; every method needs an entry (tested).
+TEACHER_SIGNALS: dict[str, tuple[str, ...]] = {
+    "sft": (),  # no teacher
+    "kd": ("exact", "topk"),
+    "dskd": ("exact",),
+    "dskd-cma": ("exact",),
+    "dskd-v2": ("exact",),
+    "dskd-eta": ("exact",),
+    "uld": ("exact",),
+    "mined": ("exact", "topk"),
+}
+
+
+def signal_problem(method: str, signal: str) -> str | None:
+    """Why `method` cannot learn from teacher `signal` (naming what works), or None if it can."""
+    allowed = TEACHER_SIGNALS.get(method)
+    if not allowed or signal in allowed:  # no teacher, or an unknown method (build_loss says)
+        return None
+    table = "; ".join(f"{m}: {', '.join(s)}" for m, s in TEACHER_SIGNALS.items() if s)
+    return (f"--method {method} cannot learn from --teacher-signal {signal}; use --teacher-signal "
+            f"{' or '.join(allowed)}. Supported combinations: {table}")
+
 
 @dataclass
 class LossOptions:

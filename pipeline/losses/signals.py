@@ -143,7 +143,6 @@ class DistillLoss(nn.Module):
     needs_student_hidden: bool = False
     needs_same_vocab: bool = False
     needs_dense_teacher_logits: bool = False
-    supports_sparse_teacher: bool = False
     needs_tokenizers: bool = False
     needs_alignment: bool = False  # ETA: TeacherSignal.alignment (pipeline/token_align.py)
     # compute(student, teacher, batch_denom): a loss whose official terms are not plain sums

@@ -18,6 +18,7 @@ from ..cache.spec import CacheError
 from ..config import ConfigError
 from ..data import BadRows, Example, load_examples
 from ..losses.baselines import SFTLoss
+from ..losses.registry import signal_problem
 from ..losses.signals import DistillLoss
 from ..tokenize import TokenizeError, tokenize_example
 from .models import hf_model, load_teacher, load_tokenizer
@@ -114,7 +115,10 @@ def check_config(cfg: Any) -> RunInputs:
     if max_prompt_len >= max_len:
         errs.append(f"--max-prompt-len {max_prompt_len} must be < --max-len {max_len} "
                     "(the response needs room)")
-    if manifest is not None and cfg.teacher_signal == "topk" and cfg.method != "sft" \
+    signal_err = signal_problem(cfg.method, cfg.teacher_signal)
+    if signal_err:
+        errs.append(signal_err)
+    elif manifest is not None and cfg.teacher_signal == "topk" and cfg.method != "sft" \
             and manifest["layout"].get("top_k", 0) == 0:
         errs.append(f"--teacher-signal topk: cache {cfg.cache} has no top-k (made with --top-k 0); "
                     "use --teacher-signal exact")

@@ -194,6 +194,22 @@ def test_missing_or_corrupt_shard_stops_with_its_name(world, tmp_path):
         run(cfg(world, tmp_path / "r2", cache=str(bad)))
 
 
+@pytest.mark.parametrize("method,student,online", [
+    ("uld", "student_xvocab", False), ("dskd", "student", False),
+    ("dskd-cma", "student_xvocab", False), ("uld", "student_xvocab", True)])
+def test_method_and_teacher_signal_that_do_not_fit_are_refused_before_compute(
+        world, tmp_path, method, student, online):
+    teacher = ({"teacher": str(world["toy"].teacher), "data": str(world["train"])} if online
+               else {"cache": str(world["cache"])})
+    with pytest.raises(ConfigError) as e:
+        run(cfg(world, tmp_path / "r", method=method, teacher_signal="topk",
+                student=str(getattr(world["toy"], student)), **teacher))
+    msg = " ".join(str(e.value).split())
+    assert f"--method {method} cannot learn from --teacher-signal topk" in msg
+    assert "use --teacher-signal exact" in msg and "kd: exact, topk" in msg
+    assert not (tmp_path / "r").exists()  # refused before the run dir, the models or a step
+
+
 def test_same_vocab_methods_refuse_a_cross_vocab_student(world, tmp_path):
     with pytest.raises(ConfigError, match="dskd-cma, uld or mined"):
         run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="dskd",
@@ -357,7 +373,8 @@ def test_torchrun_resume_after_kill(world, tmp_path):
 @pytest.mark.parametrize("method,student,extra", [
     ("kd", "student", {"divergence": "rkl"}),
     ("dskd", "student_gpt2", {"divergence": "akl"}),
-    ("dskd", "student", {"teacher_signal": "topk", "divergence": "js"}),
+    ("dskd", "student", {"divergence": "js"}),
+    ("mined", "student_xvocab", {"teacher_signal": "topk"}),
     ("uld", "student_xvocab", {}),
     ("mined", "student_xvocab", {}),
     ("dskd-cma", "student_xvocab", {"divergence": "srkl", "grad_accum": 2}),

@@ -48,6 +48,14 @@ def test_every_method_and_divergence_builds_and_runs():
     assert set(METHODS) == {"sft", "kd", "dskd", "dskd-cma", "dskd-v2", "dskd-eta", "uld", "mined"}
 
 
+def test_every_method_declares_its_teacher_signals():
+    from dskd.pipeline.losses.registry import TEACHER_SIGNALS, signal_problem
+
+    assert set(TEACHER_SIGNALS) == set(METHODS)
+    assert signal_problem("kd", "topk") is None and signal_problem("sft", "topk") is None
+    assert "use --teacher-signal exact" in signal_problem("uld", "topk")
+
+
 def test_bad_names_and_options_fail_clearly():
     with pytest.raises(ValueError, match="unknown method"):
         build_loss("dskdv2")
