@@ -77,12 +77,15 @@ def teacher_forward(teacher: nn.Module, t: dict[str, Tensor]) -> Tensor:
     """Live teacher's last hidden state (B, T_t, D_t) float32 = input of its LM head.
 
     The same call as the cache's HF backend (base model, right padding), so a live teacher and
-    the cache it would write see identical hidden states.
+    the cache it would write see identical hidden states. Padded rows are set to 0, as the cache
+    loader pads them: no loss reads them, but CMA's official std runs over the whole padded
+    tensor, so they must hold the same values in both paths.
     """
     out = teacher.base_model(input_ids=t["teacher_input_ids"],
                              attention_mask=t["teacher_attention_mask"],
                              position_ids=t["teacher_position_ids"], use_cache=False)
-    return out.last_hidden_state.float()
+    real = t["teacher_attention_mask"].bool().unsqueeze(-1)  # (B, T_t, 1)
+    return out.last_hidden_state.float().masked_fill(~real, 0.0)
 
 
 def round_hidden(h: Tensor, dtype: str) -> Tensor:

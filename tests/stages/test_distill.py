@@ -125,6 +125,28 @@ def test_cache_exact_equals_online_teacher(world, tmp_path):
     assert w16 < 2e-5 and w32 < 2e-4  # Adam turns tiny grad differences into ~lr-sized ones
 
 
+def test_cache_equals_online_for_dskd_cma_with_padded_batches(world, tmp_path):
+    """CMA's official stds run over the whole padded teacher batch, so what padded rows hold
+    matters: cache and online must hold the same (0) there. Batches of 4 examples of unequal
+    length are padded; the traced ids prove it."""
+    from dskd.pipeline.cache.reader import CacheReader
+
+    common = {"method": "dskd-cma", "max_steps": 3, "student": str(world["toy"].student_xvocab),
+              "trace_examples": True}
+    run(cfg(world, tmp_path / "cache", cache=str(world["cache"]), **common))
+    run(cfg(world, tmp_path / "on16", teacher=str(world["toy"].teacher), data=str(world["train"]),
+            online_hidden_dtype="fp16", **common))
+    lengths = {r.example_id: len(r.input_ids) for r in CacheReader(world["cache"], fields=[])}
+    steps = [json.loads(x) for x in (tmp_path / "cache" / "examples.rank0.jsonl").read_text().splitlines()]
+    assert all(len({lengths[i] for i in s["ids"]}) > 1 for s in steps)  # every batch is padded
+    c, o = train_rows(tmp_path / "cache"), train_rows(tmp_path / "on16")
+    assert len(c) == len(o) == 3
+    for a, b in zip(c, o):
+        for k in ("loss", "ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6), (a["step"], k)
+    assert max_diff(weights(tmp_path / "cache"), weights(tmp_path / "on16")) < 2e-5
+
+
 def test_topk_signal_runs_from_the_cache_and_online(world, tmp_path):
     common = {"method": "kd", "teacher_signal": "topk", "max_steps": 2, "online_top_k": 16}
     run(cfg(world, tmp_path / "c", cache=str(world["cache"]), **common))
