@@ -12,6 +12,7 @@ final student. The loop is one function below, in the order it runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -25,8 +26,8 @@ from rich.console import Console
 from dskd.pipeline.config import save_config, to_dict
 from dskd.pipeline.failpoints import failpoint
 from dskd.pipeline.losses.registry import (
-    DSKD_V2,
     DUAL_SPACE,
+    LossOptions,
     build_loss,
     resolve_projector_init,
 )
@@ -112,6 +113,27 @@ class DistillConfig:
     t2s_agreement: float = field(default=1.0, metadata={
         "help": "dskd-v2/dskd-eta: student-space KD only on rows where the projected teacher "
                 "agrees with the teacher, while the agreeing share is ≤ this (official 1.0: always)"})
+    # --- loss options (docs/methods.md; the defaults are the official code's behaviour)
+    teacher_space_divergence: Literal["official", "same"] = field(default="official", metadata={
+        "help": "dskd/dskd-cma teacher-space KD: official = always forward KL; same = "
+                "--divergence in both spaces (the paper's reading; dskd-v2/dskd-eta always)"})
+    accuracy_filter: Literal["official", "on", "off"] = field(default="official", metadata={
+        "help": "student-space KD only where argmax t2s_logits = label; official: on for "
+                "dskd-cma, off for dskd"})
+    teacher_temperature: float = field(default=1.0, metadata={
+        "help": "dskd-cma: extra divisor of the student-space KD target (official: 1.0)"})
+    unused_query_projector: bool = field(default=True, metadata={
+        "help": "dskd: also build the official query projector, which is never used or trained"})
+    cma_norm: Literal["official", "supervised"] = field(default="official", metadata={
+        "help": "dskd-cma key/value std: official = over the whole padded batch (depends on "
+                "padding); supervised = over the teacher's supervised rows only"})
+    mined_stu2tea: Literal["closest", "first"] = field(default="closest", metadata={
+        "help": "mined: the teacher id each student id takes (first = official)"})
+    sparse_tail: Literal["bucket", "renorm"] = field(default="bucket", metadata={
+        "help": "--teacher-signal topk: teacher mass outside the top-k as one tail bucket, or "
+                "dropped and both sides renormalised over the k ids"})
+    chunk_rows: int | None = field(default=None, metadata={
+        "help": "token rows per chunk of vocabulary-sized loss math (default: ~64 MiB each)"})
     online_top_k: int = field(default=64, metadata={
         "help": "online --teacher-signal topk: k of the live top-k"})
     online_hidden_dtype: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
@@ -220,13 +242,10 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
             say(f"[yellow]note:[/] {note}")
     loss_fn = build_loss(cfg.method, cfg.divergence, d_student=student_dims(student),
                          d_teacher=teacher.hidden_size, student_tokenizer=student_tok,
-                         teacher_tokenizer=teacher.tokenizer, kd_rate=cfg.kd_rate,
-                         kd_temperature=cfg.kd_temperature, skew_lambda=cfg.skew_lambda,
-                         adaptive_kl_alpha=cfg.adaptive_kl_alpha,
-                         teacher_target="sparse" if cfg.teacher_signal == "topk" else "dense",
+                         teacher_tokenizer=teacher.tokenizer,
                          student_head_weight=student.get_output_embeddings().weight,
                          teacher_head_weight=None if teacher.head is None else teacher.head.weight,
-                         **loss_extras(cfg))
+                         **loss_options(cfg))
     if getattr(loss_fn, "query", None) is not None and cfg.method == "dskd":
         loss_fn.query.requires_grad_(False)  # the official unused projector: no grad, no DDP sync
     model = Distiller(student, loss_fn).to(device)
@@ -368,14 +387,13 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
 # --------------------------------------------------------------------------- helpers of the loop
 
 
-def loss_extras(cfg: DistillConfig) -> dict[str, Any]:
-    """Dual-space options, only for the methods that read them (build_loss rejects none)."""
-    if cfg.method not in DUAL_SPACE:
-        return {}
-    extra: dict[str, Any] = {"projector_init": cfg.projector_init}
-    if cfg.method in DSKD_V2:
-        extra["t2s_agreement"] = cfg.t2s_agreement
-    return extra
+def loss_options(cfg: DistillConfig) -> dict[str, Any]:
+    """Every LossOptions field this config sets (same names), plus the teacher form its
+    --teacher-signal implies: the one place flags become loss options."""
+    opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossOptions)
+            if hasattr(cfg, f.name)}
+    opts["teacher_target"] = "sparse" if cfg.teacher_signal == "topk" else "dense"
+    return opts
 
 
 def teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig, loss_fn) -> Any:

@@ -58,7 +58,8 @@ class DualSpaceLoss(DistillLoss):
 
     def __init__(self, d_student: int, d_teacher: int, divergence_name: str = "fkl",
                  opts: DivergenceOptions | None = None, teacher_space_divergence: str = "official",
-                 *, bias: bool = True, s2t_linear: bool = True, **kw) -> None:
+                 accuracy_filter: str = "official", *, bias: bool = True,
+                 s2t_linear: bool = True, **kw) -> None:
         super().__init__(**kw)
         self.divergence = canonical_divergence(divergence_name)
         self.opts = opts or DivergenceOptions(temperature=2.0)
@@ -67,6 +68,11 @@ class DualSpaceLoss(DistillLoss):
                              f"or 'same' (the chosen divergence), got {teacher_space_divergence!r}")
         official_fkl = teacher_space_divergence == "official" and self.official_teacher_fkl
         self.teacher_divergence = "fkl" if official_fkl else self.divergence
+        if accuracy_filter not in ("official", "on", "off"):
+            raise ValueError("accuracy_filter must be 'official', 'on' or 'off', got "
+                             f"{accuracy_filter!r}")
+        if accuracy_filter != "official":  # official: the class default (CMA on, DSKD off)
+            self.accuracy_filter = accuracy_filter == "on"
         # creation order s2t, t2s(, query) as in the official projector config; DSKDv2's
         # projectors have no bias, and its pinv s2t is a map rebuilt per step, not a Linear
         if s2t_linear:
@@ -204,7 +210,9 @@ class DSKDCMA(DualSpaceLoss):
     V_t = t2s(h_t/std(h_t) + E_t[y_t]/std(E_t[y_t])) (B, T_t, D_s);  V_s = s2t(h_s) (B, T_s, D_t);
     A = Q Kᵀ / √(2D_t) + (1 - m_s m_tᵀ)·(-1e5);  t2s_hiddens = softmax(A) V_t;
     s2t_hiddens = softmax(Aᵀ) V_s (same scores, not detached). Stds are scalar, unbiased, over
-    the whole padded tensors; ids outside the label mask read the embedding of token 0.
+    the whole padded tensors (official; padded teacher rows are 0 in dskd, cache and online
+    alike), or over the teacher's supervised rows only (norm="supervised"); ids outside the
+    label mask read the embedding of token 0.
     """
 
     method = "dskd-cma"
@@ -212,11 +220,14 @@ class DSKDCMA(DualSpaceLoss):
     use_teacher_temperature = True
     log_max_prob = True
 
-    def __init__(self, d_student: int, d_teacher: int, *, accuracy_filter: bool = True,
-                 **kw) -> None:
+    accuracy_filter = True  # official: student-space KD only where t2s predicts the label
+
+    def __init__(self, d_student: int, d_teacher: int, *, norm: str = "official", **kw) -> None:
         super().__init__(d_student, d_teacher, **kw)
         self.query = nn.Linear(2 * d_student, 2 * d_teacher)
-        self.accuracy_filter = accuracy_filter
+        if norm not in ("official", "supervised"):
+            raise ValueError(f"cma_norm must be 'official' or 'supervised', got {norm!r}")
+        self.norm = norm
 
     def projected_hiddens(self, student: StudentBatch, teacher: TeacherSignal):
         mask, tmask = student.mask, teacher.mask
@@ -232,8 +243,9 @@ class DSKDCMA(DualSpaceLoss):
         k_src = torch.cat([e_t[x_t], e_t[y_t]], -1).float()  # (B, T_t, 2D_t)
         tgt_e = e_t[y_t].float()  # (B, T_t, D_t)
         q = self.query(q_src).float()
-        k = k_src / k_src.std()
-        v_t = self.t2s(h_t / h_t.std() + tgt_e / tgt_e.std()).float()  # (B, T_t, D_s)
+        std = _whole_std if self.norm == "official" else _rows_std(tmask)
+        k = k_src / std(k_src)
+        v_t = self.t2s(h_t / std(h_t) + tgt_e / std(tgt_e)).float()  # (B, T_t, D_s)
         v_s = self.s2t(h_s).float()  # (B, T_s, D_t)
 
         scores = q @ k.transpose(-1, -2) / math.sqrt(2 * h_t.shape[-1])  # (B, T_s, T_t)
@@ -244,3 +256,17 @@ class DSKDCMA(DualSpaceLoss):
         self.keep(query_hiddens=q, tea_v_hiddens=v_t, stu_v_hiddens=v_s, align_scores=scores,
                   t2s_attention=t2s_att, s2t_attention=s2t_att)
         return t2s_att @ v_t, s2t_att @ v_s
+
+
+def _whole_std(x: Tensor) -> Tensor:
+    """Official: one unbiased std over the whole padded (B, T, D) tensor (padding included)."""
+    return x.std()
+
+
+def _rows_std(rows: Tensor):
+    """One unbiased std over the (B, T) rows selected by `rows` only: no padding or prompt rows,
+    so the value does not depend on how the batch was padded or composed."""
+    def std(x: Tensor) -> Tensor:
+        sel = x[rows]  # (R, D)
+        return sel.std() if sel.numel() > 1 else x.std()  # no supervised row: nothing to scale
+    return std

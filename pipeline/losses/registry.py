@@ -64,7 +64,9 @@ class LossOptions:
     skew_lambda: float = 0.1  # λ of skl / srkl
     adaptive_kl_alpha: float = 0.5  # α of akl
     teacher_space_divergence: Literal["official", "same"] = "official"  # official: always FKL
-    cma_accuracy_filter: bool = True  # official: CMA student-space KD only where t2s is right
+    # student-space KD only where argmax t2s_logits = label; official: on for CMA, off for DSKD
+    accuracy_filter: Literal["official", "on", "off"] = "official"
+    cma_norm: Literal["official", "supervised"] = "official"  # CMA stds: padded batch / label rows
     unused_query_projector: bool = True  # official DSKD also builds an unused `query`
     # auto = the official choice per method: random for dskd/dskd-cma (v1), pinv for dskd-v2 /
     # dskd-eta (the official v2 scripts pass --init-t2s/s2t-projector; v2 fails without them)
@@ -159,6 +161,9 @@ def _dual_space(key: str, div: str, opts: DivergenceOptions, o: LossOptions, com
     dual = {"divergence_name": div, "opts": opts,
             "teacher_space_divergence": o.teacher_space_divergence, **common}
     if key in DSKD_V2:
+        if o.accuracy_filter != "official" or o.cma_norm != "official":
+            raise ValueError(f"{key}: accuracy_filter and cma_norm are dskd/dskd-cma options; "
+                             "DSKDv2 filters by agreement (t2s_agreement)")
         s2t_map = S2TPinvMap(student_head, teacher_head, overlap) if init == "pinv" else None
         v2 = {"s2t_map": s2t_map, "agreement_threshold": o.t2s_agreement, **dual}
         if key == "dskd-v2":
@@ -171,10 +176,11 @@ def _dual_space(key: str, div: str, opts: DivergenceOptions, o: LossOptions, com
                 p_s, p_t = overlap_columns(student_head, teacher_head, overlap)
                 loss.t2s.weight.copy_(t2s_pinv_weight(p_s, p_t))
         return loss
+    dual["accuracy_filter"] = o.accuracy_filter
     if key == "dskd":
         loss = DSKD(d_student, d_teacher, unused_query_projector=o.unused_query_projector, **dual)
     else:
-        loss = DSKDCMA(d_student, d_teacher, accuracy_filter=o.cma_accuracy_filter, **dual)
+        loss = DSKDCMA(d_student, d_teacher, norm=o.cma_norm, **dual)
     if init == "pinv":
         loss.init_projectors_pinv(student_head, teacher_head, overlap)
     return loss

@@ -97,12 +97,54 @@ def test_teacher_space_divergence_option():
 def test_cma_accuracy_filter_option_and_different_vocab():
     student, teacher = _batch(2, v_t=53, t_t=9)
     on = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT)
-    off = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT, cma_accuracy_filter=False)
+    off = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT, accuracy_filter="off")
     off.load_state_dict(on.state_dict())
     a, b = on(student, teacher), off(student, teacher)
     assert a.terms["t2s_acc"] < student.mask.sum()  # random projectors: filter drops tokens
     assert b.terms["t2s_kd_loss"] > a.terms["t2s_kd_loss"]
     torch.testing.assert_close(a.terms["s2t_kd_loss"], b.terms["s2t_kd_loss"])
+
+
+def test_accuracy_filter_option_for_dskd():
+    """Official DSKD has no filter; accuracy_filter='on' gives it CMA's (student-space KD only
+    where argmax t2s_logits = label)."""
+    student, teacher = _batch(2)
+    plain = build_loss("dskd", "fkl", d_student=DS, d_teacher=DT)
+    on = build_loss("dskd", "fkl", d_student=DS, d_teacher=DT, accuracy_filter="on")
+    on.load_state_dict(plain.state_dict())
+    assert not plain.accuracy_filter and on.accuracy_filter
+    a, b = plain(student, teacher), on(student, teacher)
+    assert a.terms["t2s_acc"] < student.mask.sum()
+    assert b.terms["t2s_kd_loss"] < a.terms["t2s_kd_loss"]
+    torch.testing.assert_close(a.terms["t2s_ce_loss"], b.terms["t2s_ce_loss"])
+    with pytest.raises(ValueError, match="accuracy_filter"):
+        build_loss("dskd", d_student=DS, d_teacher=DT, accuracy_filter=True)
+
+
+def _pad_teacher(teacher: TeacherSignal, extra: int, fill: float) -> TeacherSignal:
+    """The same teacher rows with `extra` more padded rows (label -100, hidden `fill`)."""
+    def pad(x, v):
+        return torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), v)], 1)
+
+    return TeacherSignal(labels=pad(teacher.labels, -100), hidden=pad(teacher.hidden, fill),
+                         head_weight=teacher.head_weight, input_ids=pad(teacher.input_ids, 0),
+                         embed_weight=teacher.embed_weight)
+
+
+def test_cma_norm_official_depends_on_padding_supervised_does_not():
+    """Official CMA stds run over the whole padded batch, so padding moves the loss; with
+    cma_norm='supervised' they run over the teacher's supervised rows and padding does not."""
+    student, teacher = _batch(6, v_t=53, t_t=9)
+    more = _pad_teacher(teacher, 4, 0.0)
+    official = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT)
+    sup = build_loss("dskd-cma", "fkl", d_student=DS, d_teacher=DT, cma_norm="supervised")
+    sup.load_state_dict(official.state_dict())
+    a, b = official(student, teacher).terms, official(student, more).terms
+    assert abs(a["t2s_ce_loss"] - b["t2s_ce_loss"]) > 1e-4 * abs(a["t2s_ce_loss"])
+    c, d = sup(student, teacher).terms, sup(student, _pad_teacher(teacher, 4, 3.0)).terms
+    for k in ("t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss"):
+        torch.testing.assert_close(c[k], d[k], rtol=1e-6, atol=1e-6)
+    assert abs(c["t2s_ce_loss"] - a["t2s_ce_loss"]) > 1e-4 * abs(a["t2s_ce_loss"])
 
 
 def test_dense_teacher_from_hidden_equals_given_logits_and_chunking():
