@@ -57,6 +57,14 @@ class CacheTeacherConfig:
     hidden_dtype: Literal["fp16", "bf16", "fp8"] = field(
         default="fp16", metadata={"help": "storage dtype of hidden states (fp8: e4m3 + per-token scale)"})
     top_k: int = field(default=64, metadata={"help": "top-k ids/log-probs kept per token (0: none)"})
+    topk_logprobs: Literal["q8", "fp16", "fp32"] = field(default="q8", metadata={
+        "help": "storage of top-k log-probs: q8 (1 byte, extra KL < 1e-5 nats), fp16, fp32"})
+    sampled_targets: int = field(default=0, metadata={
+        "help": "RS-KD: also draw N ids per token from the teacher and keep the distinct ones "
+                "with their counts, for distill --teacher-signal sampled (0: none)"})
+    sampled_temperature: float = field(default=1.0, metadata={
+        "help": "temperature of the distribution --sampled-targets draws from; distill's "
+                "--kd-temperature must equal it"})
     batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward batch"})
     shard_size: int = field(default=256, metadata={"help": "examples per shard"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens kept"})
@@ -70,7 +78,7 @@ class CacheTeacherConfig:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "teacher compute dtype (auto: bf16 on GPU, fp32 on CPU)"})
-    seed: int = field(default=0, metadata={"help": "random seed (the stage itself is deterministic)"})
+    seed: int = field(default=0, metadata={"help": "random seed of the --sampled-targets draws (all else is deterministic)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -101,6 +109,10 @@ def validate(cfg: CacheTeacherConfig) -> None:
         errs.append(f"--teacher {cfg.teacher}: no config.json there; pass a HF model directory")
     if cfg.top_k < 0:
         errs.append(f"--top-k {cfg.top_k}: must be ≥ 0")
+    if cfg.sampled_targets < 0 or cfg.sampled_targets > 65535:
+        errs.append(f"--sampled-targets {cfg.sampled_targets}: must be in [0, 65535]")
+    if not cfg.sampled_temperature > 0:
+        errs.append(f"--sampled-temperature {cfg.sampled_temperature}: must be > 0")
     if cfg.shard_size < 1:
         errs.append(f"--shard-size {cfg.shard_size}: must be ≥ 1")
     if cfg.batch_tokens < cfg.max_len:
@@ -234,6 +246,10 @@ def fingerprints(cfg: CacheTeacherConfig, tok_dir: str, examples: list[Example],
         "max_len": cfg.max_len,
         "hidden_dtype": cfg.hidden_dtype,
         "top_k": cfg.top_k,
+        "topk_logprobs": cfg.topk_logprobs,
+        "sampled_targets": cfg.sampled_targets,
+        "sampled_temperature": cfg.sampled_temperature,
+        "seed": cfg.seed if cfg.sampled_targets else None,  # draws the sampled targets
         "shard_size": cfg.shard_size,
         "backend": cfg.backend,
         "compute": f"{device.type}-{_compute_dtype(cfg, device)}",
@@ -273,6 +289,7 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
         # max |model logits - hidden @ head| on the first examples (None: backend has no logits)
         "check_max_abs_err": check_err,
     }
+    topk = spec.TopkStorage.for_vocab(head.vocab_size, cfg.topk_logprobs)
     layout = {
         "n_examples": n_examples,
         "shard_size": cfg.shard_size,
@@ -280,9 +297,13 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
         "hidden_dtype": cfg.hidden_dtype,
         "hidden_storage": str(spec.HIDDEN_STORAGE[cfg.hidden_dtype]),
         "top_k": min(cfg.top_k, head.vocab_size),
+        **(topk.layout_keys() if cfg.top_k > 0 else {}),
+        **({"sampled_targets": cfg.sampled_targets, "sampled_temperature": cfg.sampled_temperature}
+           if cfg.sampled_targets else {}),
         "hidden_size": backend.hidden_size,
         "vocab_size": head.vocab_size,
-        "token_fields": [f.name for f in spec.token_fields(cfg.hidden_dtype, cfg.top_k)],
+        "token_fields": [f.name for f in spec.token_fields(
+            cfg.hidden_dtype, cfg.top_k, topk, cfg.sampled_targets, head.vocab_size)],
         "checksum": spec.CHECKSUM,
     }
     teacher = {
@@ -318,8 +339,11 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
             writer = ShardWriter(out, si, (a, b), layout)
             shard = kept[a:b]
             lengths = [len(t.input_ids) - 1 for _, t in shard]
+            # one stream of draws per shard, seeded by (seed, shard): a shard's bytes do not
+            # depend on which worker writes it or on whether the run was resumed
+            gen = torch.Generator(head.device).manual_seed(cfg.seed * 1_000_003 + si)
             for batch in length_batches(lengths, cfg.batch_tokens):
-                rows = _cache_batch(backend, head, [shard[i][1] for i in batch], cfg, stats)
+                rows = _cache_batch(backend, head, [shard[i][1] for i in batch], cfg, stats, gen)
                 for i, tok in zip(batch, rows):
                     ex, t = shard[i]
                     writer.add(ExampleRows(ex.id, a + i, ex.prompt, ex.response, t.input_ids,
@@ -347,7 +371,8 @@ def _commit(writer: ShardWriter, stats: RunStats) -> None:
 
 
 def _cache_batch(backend: Any, head: Head, toks: list[TokenizedExample], cfg: CacheTeacherConfig,
-                 stats: RunStats) -> list[dict[str, np.ndarray]]:
+                 stats: RunStats, generator: torch.Generator | None = None
+                 ) -> list[dict[str, np.ndarray]]:
     """One forward batch → per-example per-token arrays in their storage dtypes.
 
     The teacher sees s[:-1] (its last token predicts nothing in the cache): row k of example i is
@@ -357,7 +382,8 @@ def _cache_batch(backend: Any, head: Head, toks: list[TokenizedExample], cfg: Ca
     H = torch.cat([torch.as_tensor(h).to(head.device) for h in hs])  # (N, D_t), N = Σ (n_i - 1)
     t1 = time.perf_counter()
     nxt = torch.as_tensor([i for x in toks for i in x.input_ids[1:]], device=head.device)  # (N,)
-    o = head_step(H, nxt, head, cfg.top_k)
+    o = head_step(H, nxt, head, cfg.top_k, sampled=cfg.sampled_targets,
+                  sample_temperature=cfg.sampled_temperature, generator=generator)
     codes, scale = encode_hidden(H, cfg.hidden_dtype)
     host = {"hidden": codes_to_numpy(codes, cfg.hidden_dtype),
             "lse": o.lse.cpu().numpy(), "tail_logprob": o.tail_logprob.cpu().numpy(),
@@ -367,6 +393,9 @@ def _cache_batch(backend: Any, head: Head, toks: list[TokenizedExample], cfg: Ca
     if cfg.top_k > 0:
         host["topk_ids"] = o.topk_ids.cpu().numpy()
         host["topk_logprobs"] = o.topk_logprobs.cpu().numpy()
+    if cfg.sampled_targets:
+        host["sampled_ids"] = o.sampled_ids.cpu().numpy()
+        host["sampled_counts"] = o.sampled_counts.cpu().numpy()
     cuts = np.cumsum([len(x.input_ids) - 1 for x in toks])[:-1]
     split = {k: np.split(v, cuts) for k, v in host.items()}
     stats.forward_s += t1 - t

@@ -6,7 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import committed_shards, load_manifest, shard_totals
-from .spec import CHECKSUM, HIDDEN_STORAGE, TOKEN_OFFSETS, TOKEN_OFFSETS_DTYPE, token_fields
+from .spec import (
+    CHECKSUM,
+    HIDDEN_STORAGE,
+    TOKEN_OFFSETS,
+    TOKEN_OFFSETS_DTYPE,
+    TopkStorage,
+    layout_fields,
+)
 
 
 def inspect_cache(path: str | Path) -> dict[str, Any]:
@@ -16,7 +23,10 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
     lay = m["layout"]
     shards = committed_shards(path, m)
     totals = m["totals"] or shard_totals([shards[i] for i in sorted(shards)])
-    dtypes = {f.name: str(f.dtype) for f in token_fields(lay["hidden_dtype"], lay["top_k"])}
+    dtypes = {f.name: str(f.dtype) for f in layout_fields(lay)}
+    st = TopkStorage.from_layout(lay)
+    if lay["top_k"] and st.logprobs == "q8":
+        dtypes["topk_logprobs"] = "q8 (stored as uint8)"
     dtypes["hidden"] = f"{lay['hidden_dtype']} (stored as {HIDDEN_STORAGE[lay['hidden_dtype']]})"
     dtypes[TOKEN_OFFSETS] = str(TOKEN_OFFSETS_DTYPE)
     return {
@@ -32,6 +42,9 @@ def inspect_cache(path: str | Path) -> dict[str, Any]:
         "hidden_size": lay["hidden_size"],
         "vocab_size": lay["vocab_size"],
         "top_k": lay["top_k"],
+        "topk_storage": {"id_bits": st.id_bits, "logprobs": st.logprobs} if lay["top_k"] else None,
+        "sampled_targets": lay.get("sampled_targets", 0),
+        "sampled_temperature": lay.get("sampled_temperature"),
         "hidden_dtype": lay["hidden_dtype"],
         "dtypes": dtypes,
         "bytes": totals["bytes"],
@@ -53,7 +66,11 @@ def format_inspect(info: dict[str, Any]) -> str:
         (f"contents   {info['examples']:,} examples, {info['tokens']:,} tokens "
          f"({info['token_rows']:,} token rows), {sh['committed']}/{sh['total']} shards "
          f"of {sh['shard_size']} examples"),
-        (f"fields     hidden {info['hidden_dtype']}, top-k {info['top_k']}, "
+        (f"fields     hidden {info['hidden_dtype']}, top-k {info['top_k']}"
+         + (f" ({ts['id_bits']}-bit ids, {ts['logprobs']} log-probs)"
+            if (ts := info.get("topk_storage")) else "")
+         + (f", sampled targets {info['sampled_targets']} draws at temperature "
+            f"{info['sampled_temperature']:g}" if info.get("sampled_targets") else "") + ", "
          f"{info['bytes'] / 2**20:,.1f} MiB in shards"),
         "",
         f"{'field':<16}{'dtype':<28}{'bytes/token':>12}",

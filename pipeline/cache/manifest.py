@@ -22,6 +22,7 @@ from .spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
+    READ_VERSIONS,
     CacheError,
     shard_name,
 )
@@ -89,9 +90,10 @@ def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
                          "byte); rebuild with cache-teacher --overwrite")
     if m.get("format") != FORMAT_NAME:
         raise CacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT_NAME!r}")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in READ_VERSIONS:
         raise CacheError(f"{path}: format version {m.get('format_version')!r}; this dskd reads "
-                         f"version {FORMAT_VERSION}. Rebuild the cache with this dskd version.")
+                         f"versions {', '.join(map(str, READ_VERSIONS))}. Read it with the dskd "
+                         "version that wrote it, or rebuild the cache with this one.")
     return m
 
 

@@ -19,6 +19,7 @@ import zarr
 
 from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden
+from .sampled import decode as decode_sampled
 from .spec import (
     CHECKSUM,
     EMBED_WEIGHT,
@@ -28,19 +29,23 @@ from .spec import (
     SHARDS_DIR,
     TOKEN_OFFSETS,
     CacheError,
+    TopkStorage,
     chunk_rows,
-    token_fields,
+    layout_fields,
 )
+from .topk import decode_ids, decode_logprobs
 
-# Per-token fields a reader can ask for; "hidden" brings its fp8 scale along.
-READABLE = ("hidden", "topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob")
+# Per-token fields a reader can ask for; each brings the arrays it is decoded from along
+# (hidden: its fp8 scale; top-k: the high id bits, the q8 bounds).
+READABLE = ("hidden", "topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob",
+            "sampled_ids", "sampled_counts")
 
 
 @dataclass
 class CachedExample:
     """One cached example. Per-token arrays have n - 1 rows; row k predicts input_ids[k + 1].
-    A field not requested from the reader is None. Arrays other than ``hidden`` (decoded to a
-    fresh float32 array) are read-only views of memory-mapped files: copy before writing."""
+    A field not requested from the reader is None. Arrays other than ``hidden`` and a compact
+    top-k (decoded to fresh arrays) are read-only views of memory-mapped files: copy before writing."""
 
     example_id: str
     index: int  # position in the dataset
@@ -53,11 +58,13 @@ class CachedExample:
     shard: int  # (shard, row) is this example's position, for checkpointing a trainer
     row: int
     hidden: np.ndarray | None = None  # (n-1, D_t) float32, dequantized
-    topk_ids: np.ndarray | None = None  # (n-1, k) int32
-    topk_logprobs: np.ndarray | None = None  # (n-1, k) float32
+    topk_ids: np.ndarray | None = None  # (n-1, k) int32, decoded
+    topk_logprobs: np.ndarray | None = None  # (n-1, k) float32, decoded
     lse: np.ndarray | None = None  # (n-1,) float32
     tail_logprob: np.ndarray | None = None  # (n-1,) float32
     next_logprob: np.ndarray | None = None  # (n-1,) float32
+    sampled_ids: np.ndarray | None = None  # (n-1, W) int32 distinct sampled ids, decoded
+    sampled_counts: np.ndarray | None = None  # (n-1, W) int32 their counts (0: padding)
 
     @property
     def label_mask(self) -> np.ndarray:
@@ -114,15 +121,25 @@ def _mmap_array(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
 class _Shard:
     """Open handles of one shard: the mmapped Arrow table and the per-token arrays."""
 
-    def __init__(self, path: Path, record: dict[str, Any], hidden_dtype: str,
+    def __init__(self, path: Path, record: dict[str, Any], layout: dict[str, Any],
                  fields: Collection[str], use_mmap: bool = True):
         self.record = record
-        self.hidden_dtype = hidden_dtype
+        self.hidden_dtype = hidden_dtype = layout["hidden_dtype"]
+        self.topk = TopkStorage.from_layout(layout)
+        stored = {f.name for f in layout_fields(layout)}
         self.table = pa.ipc.open_file(pa.memory_map(str(path / EXAMPLES_FILE), "r")).read_all()
         names = set(fields) | ({"hidden_scale"} if "hidden" in fields and hidden_dtype == "fp8"
                                else set())
+        companions = {"topk_ids": "topk_ids_hi", "topk_logprobs": "topk_logprob_bounds"}
+        names |= {c for f, c in companions.items() if f in fields and c in stored}
+        self.sampled = bool({"sampled_ids", "sampled_counts"} & set(fields))
+        if self.sampled:  # ragged: a row's entries start at the running sum of sampled_n
+            names |= {"sampled_n", "sampled_ids", "sampled_counts"}
         self.arrays = {n: open_array(path / n, use_mmap) for n in sorted(names)}
         self.token_offsets = np.asarray(open_array(path / TOKEN_OFFSETS, use_mmap)[:])
+        if self.sampled:
+            n = np.asarray(self.arrays["sampled_n"][:], dtype=np.int64)
+            self.sampled_start = np.concatenate([[0], np.cumsum(n)])
         self.ids = self.table.column("example_id").to_pylist()
         # Column buffers flattened once; each example is a slice (no copy).
         self._input_ids = self.table.column("input_ids").combine_chunks()
@@ -136,11 +153,25 @@ class _Shard:
         """Examples ``rows`` (a contiguous range), reading each token field once for the block."""
         a, b = int(self.token_offsets[rows.start]), int(self.token_offsets[rows.stop])
         block: dict[str, np.ndarray] = {}
+        if self.sampled:
+            e0, e1 = int(self.sampled_start[a]), int(self.sampled_start[b])
+            block["sampled_ids"], block["sampled_counts"] = decode_sampled(
+                self.arrays["sampled_n"][a:b], self.arrays["sampled_ids"][e0:e1],
+                self.arrays["sampled_counts"][e0:e1])
         for name in fields:
+            if name in block:
+                continue
             if name == "hidden":
                 codes = self.arrays["hidden"][a:b]
                 scale = self.arrays["hidden_scale"][a:b] if self.hidden_dtype == "fp8" else None
                 block[name] = decode_hidden(codes, self.hidden_dtype, scale)
+            elif name == "topk_ids":
+                high = self.arrays["topk_ids_hi"][a:b] if self.topk.hi_bits else None
+                block[name] = decode_ids(self.arrays[name][a:b], high, self.topk)
+            elif name == "topk_logprobs":
+                bounds = (self.arrays["topk_logprob_bounds"][a:b] if self.topk.logprobs == "q8"
+                          else None)
+                block[name] = decode_logprobs(self.arrays[name][a:b], self.topk.logprobs, bounds)
             else:
                 block[name] = self.arrays[name][a:b]
         cols = {c: self.table.column(c) for c in ("example_id", "index", "prompt", "response",
@@ -158,7 +189,7 @@ class _Shard:
                 response_mask=_list_values(self._mask, r),
                 offsets=_list_values(self._offsets, r).reshape(-1, 2),
                 shard=shard_index, row=r,
-                **{name: arr[lo:hi] for name, arr in block.items()},
+                **{name: arr[lo:hi] for name, arr in block.items() if name in fields},
             ))
         return out
 
@@ -190,15 +221,18 @@ class CacheReader:
                              "shards committed); rerun the same `dskd cache-teacher` command to "
                              "finish it")
         self.layout = self.manifest["layout"]
-        stored = {f.name for f in token_fields(self.layout["hidden_dtype"], self.layout["top_k"])}
+        stored = {f.name for f in layout_fields(self.layout)}
         wanted = READABLE if fields is None else tuple(fields)
         bad = [f for f in wanted if f not in READABLE]
         if bad:
             raise CacheError(f"unknown cache field(s) {bad}; readable fields are {list(READABLE)}")
         missing = [f for f in wanted if f not in stored]
         if missing and fields is not None:
+            fix = ("--sampled-targets N" if any(f.startswith("sampled") for f in missing)
+                   else "--top-k > 0")
             raise CacheError(f"{self.path}: fields {missing} are not in this cache "
-                             f"(top_k={self.layout['top_k']}); rebuild it with --top-k > 0")
+                             f"(top_k={self.layout['top_k']}, sampled_targets="
+                             f"{self.layout.get('sampled_targets', 0)}); rebuild it with {fix}")
         self.fields = tuple(f for f in wanted if f in stored)
         records = committed_shards(self.path, self.manifest)
         self.shards = [records[i] for i in sorted(records)]
@@ -304,8 +338,8 @@ class CacheReader:
         if self._verify and index not in self._verified:
             verify_shard_files(self.path, rec)
             self._verified.add(index)
-        sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout["hidden_dtype"],
-                    self.fields, self._use_mmap)
+        sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout, self.fields,
+                    self._use_mmap)
         self._open[index] = sh
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)

@@ -25,9 +25,11 @@ from .spec import (
     SHARDS_DIR,
     TOKEN_OFFSETS,
     CacheError,
+    TopkStorage,
     chunk_rows,
-    token_fields,
+    layout_fields,
 )
+from .topk import decode_ids, decode_logprobs, logprob_tolerance
 
 _EPS = 1e-5  # log-probs may exceed 0 by float rounding
 
@@ -143,8 +145,10 @@ def _check_contents(d: Path, rec: dict[str, Any], lay: dict[str, Any]) -> list[P
             or to[-1] != n_rows):
         return P + [Problem(name, TOKEN_OFFSETS, "CSR offsets disagree with n_tokens - 1 per example "
                             f"or with n_rows={n_rows}")]
-    for f in token_fields(lay["hidden_dtype"], lay["top_k"]):
-        want = (n_rows,) + ((lay["hidden_size"],) if f.per_d else (lay["top_k"],) if f.per_k else ())
+    n_entries = (int(np.asarray(g["sampled_n"][:], np.int64).sum()) if "sampled_n" in g
+                 else -1)  # ragged sampled arrays hold one entry per distinct sampled id
+    for f in layout_fields(lay):
+        want = f.shape(n_entries if f.ragged else n_rows, lay["hidden_size"], lay["top_k"])
         if f.name not in g:
             P.append(Problem(name, f.name, "array missing"))
         elif g[f.name].shape != want or g[f.name].dtype != f.dtype:
@@ -152,13 +156,40 @@ def _check_contents(d: Path, rec: dict[str, Any], lay: dict[str, Any]) -> list[P
                              f"{f.dtype}{want}"))
     if P:
         return P
-    return _scan_values(g, name, lay, flat_ids, to)
+    return _scan_values(g, name, lay, flat_ids, to) + _scan_sampled(g, name, lay)
+
+
+def _scan_sampled(g: zarr.Group, name: str, lay: dict[str, Any]) -> list[Problem]:
+    """Sampled targets: 1..N distinct ids per row, ascending, in range, counts summing to N."""
+    N = int(lay.get("sampled_targets", 0))
+    if not N:
+        return []
+    n = np.asarray(g["sampled_n"][:], np.int64)
+    ids = np.asarray(g["sampled_ids"][:], np.int64)
+    counts = np.asarray(g["sampled_counts"][:], np.int64)
+    P: list[Problem] = []
+    if not n.size:
+        return P
+    if (n.min() < 1 or n.max() > min(N, lay["vocab_size"])):
+        P.append(Problem(name, "sampled_n", f"rows with 0 or more than {N} distinct ids"))
+        return P
+    if ids.size and (ids.min() < 0 or ids.max() >= lay["vocab_size"]):
+        P.append(Problem(name, "sampled_ids", f"ids outside [0, {lay['vocab_size']})"))
+    starts = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+    if counts.size and (counts.min() < 1 or (np.add.reduceat(counts, starts) != N).any()):
+        P.append(Problem(name, "sampled_counts", f"counts < 1, or a row's counts do not sum to {N}"))
+    first = np.zeros(ids.size, bool)
+    first[starts] = True
+    if ids.size and (np.diff(ids)[~first[1:]] <= 0).any():
+        P.append(Problem(name, "sampled_ids", "ids of a row are not distinct and ascending"))
+    return P
 
 
 def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.ndarray,
                  to: np.ndarray) -> list[Problem]:
     """NaN/inf and range checks, a block of rows at a time so memory stays bounded."""
     V, k, hd = lay["vocab_size"], lay["top_k"], lay["hidden_dtype"]
+    st = TopkStorage.from_layout(lay)
     n_rows = int(to[-1])
     # next token of each row: s[j+1] of its example, laid out like the token rows
     starts = to[:-1] + np.arange(len(to) - 1)  # token start of example j in flat_ids
@@ -184,8 +215,12 @@ def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.nda
         if np.isnan(tail).any() or (tail > _EPS).any():
             found.setdefault("tail_logprob", "NaN or positive values")
         if k:
-            ids = g["topk_ids"][a:b]
-            lp = g["topk_logprobs"][a:b]
+            ids = decode_ids(g["topk_ids"][a:b], g["topk_ids_hi"][a:b] if st.hi_bits else None, st)
+            bounds = g["topk_logprob_bounds"][a:b] if st.logprobs == "q8" else None
+            if bounds is not None and not (np.isfinite(bounds).all()
+                                           and (bounds[:, 1] <= bounds[:, 0]).all()):
+                found.setdefault("topk_logprob_bounds", "NaN/inf or last > first")
+            lp = decode_logprobs(g["topk_logprobs"][a:b], st.logprobs, bounds)
             if ids.size and (ids.min() < 0 or ids.max() >= V):
                 found.setdefault("topk_ids", f"ids outside [0, {V})")
             if not (np.isfinite(lp).all() and (lp <= _EPS).all()):
@@ -193,9 +228,11 @@ def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.nda
             elif (np.diff(lp, axis=1) > _EPS).any():
                 found.setdefault("topk_logprobs", "not sorted in descending order")
             # where the observed next token is in the top-k, both fields must give its log-prob
+            # (within what the top-k storage can represent: one q8 step, half an fp16 ulp)
             hit = ids == next_ids[a:b, None]
             rows = hit.any(1)
-            if rows.any() and np.abs(lp[hit] - nxt[rows]).max() > 1e-4:
+            tol = np.broadcast_to(logprob_tolerance(st.logprobs, bounds, lp), lp.shape)
+            if rows.any() and (np.abs(lp[hit] - nxt[rows]) > tol[hit]).any():
                 found.setdefault("next_logprob", "disagrees with topk_logprobs for the same token")
     return [Problem(name, f, msg) for f, msg in found.items()]
 

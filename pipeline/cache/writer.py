@@ -7,6 +7,7 @@ finished rows (``ExampleRows``); the writer knows nothing of models.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from zarr.storage import LocalStore
 
 from ..failpoints import failpoint
 from .manifest import checksum_hex, checksum_update, hash_file, write_commit
+from .sampled import encode as encode_sampled
 from .spec import (
     CHECKSUM,
     EXAMPLES_FILE,
@@ -32,17 +34,25 @@ from .spec import (
     TMP_DIR,
     TOKEN_OFFSETS,
     TOKEN_OFFSETS_DTYPE,
+    V1_TOPK,
     CacheError,
+    TopkStorage,
     chunk_rows,
+    input_fields,
+    sampled_dtypes,
     shard_name,
     token_fields,
 )
+from .topk import encode_topk
 
 
 @dataclass
 class ExampleRows:
     """Everything the cache keeps for one example. ``tokens`` maps each per-token field name
-    (spec.token_fields) to an array of n - 1 rows, already in its storage dtype."""
+    (spec.token_fields with the default top-k storage) to an array of n - 1 rows: hidden states
+    already encoded (on the teacher's device), top-k as int32 ids and float32 log-probs (the
+    writer encodes them per the cache's top-k storage), sampled targets as padded (n - 1, N)
+    int32 ids and counts (spec.input_fields)."""
 
     example_id: str
     index: int  # position in the dataset; fixes the shard and the row
@@ -61,11 +71,16 @@ class ShardLayout:
     hidden_dtype: str
     top_k: int
     hidden_size: int
+    topk: TopkStorage = V1_TOPK
+    sampled: int = 0  # draws per row of sampled targets (0: none)
+    vocab_size: int = 0  # V (sets the sampled ids' dtype)
 
     @classmethod
     def from_manifest(cls, m: dict[str, Any]) -> ShardLayout:
         lay = m["layout"]
-        return cls(lay["hidden_dtype"], lay["top_k"], lay["hidden_size"])
+        return cls(lay["hidden_dtype"], lay["top_k"], lay["hidden_size"],
+                   TopkStorage.from_layout(lay), int(lay.get("sampled_targets", 0)),
+                   int(lay["vocab_size"]))
 
 
 class ShardWriter:
@@ -78,7 +93,9 @@ class ShardWriter:
         self.start, self.end = example_range
         self.layout = layout
         self.fsync = fsync
-        self.fields = token_fields(layout.hidden_dtype, layout.top_k)
+        self.inputs = input_fields(layout.hidden_dtype, layout.top_k, layout.sampled)
+        self.fields = token_fields(layout.hidden_dtype, layout.top_k, layout.topk,  # stored
+                                   layout.sampled, layout.vocab_size)
         self._rows: dict[int, ExampleRows] = {}
 
     def add(self, ex: ExampleRows) -> None:
@@ -86,15 +103,25 @@ class ShardWriter:
             raise CacheError(f"{shard_name(self.index)}: example index {ex.index} is outside "
                              f"this shard's range [{self.start}, {self.end})")
         n_rows = len(ex.input_ids) - 1
-        for f in self.fields:
+        for f in self.inputs:
             arr = ex.tokens.get(f.name)
             if arr is None:
                 raise CacheError(f"{shard_name(self.index)}: example {ex.example_id} lacks {f.name!r}")
-            want = (n_rows,) + ((self.layout.hidden_size,) if f.per_d else
-                                (self.layout.top_k,) if f.per_k else ())
+            want = f.shape(n_rows, self.layout.hidden_size, self.layout.top_k)
             if arr.shape != want or arr.dtype != f.dtype:
                 raise CacheError(f"{shard_name(self.index)}: example {ex.example_id} field {f.name!r} "
                                  f"is {arr.dtype}{arr.shape}, expected {f.dtype}{want}")
+        tok = dict(ex.tokens)  # compact fields are encoded now, so the buffered shard stays small
+        if self.layout.top_k and self.layout.topk != V1_TOPK:
+            tok.update(encode_topk(tok.pop("topk_ids"), tok.pop("topk_logprobs"), self.layout.topk))
+        if self.layout.sampled:
+            counts = tok["sampled_counts"]
+            if (counts < 0).any() or (counts.sum(1) != self.layout.sampled).any():
+                raise CacheError(f"{shard_name(self.index)}: example {ex.example_id}: sampled "
+                                 f"counts must be ≥ 0 and sum to {self.layout.sampled} per row")
+            tok.update(encode_sampled(tok.pop("sampled_ids"), tok.pop("sampled_counts"),
+                                      *sampled_dtypes(self.layout.sampled, self.layout.vocab_size)))
+        ex = dataclasses.replace(ex, tokens=tok)
         self._rows[ex.index] = ex
 
     @property
@@ -165,8 +192,8 @@ class ShardWriter:
                                              TOKEN_OFFSETS_DTYPE, {}, files)}
         n_rows = int(offsets[-1])
         for f in self.fields:
-            shape = (n_rows,) + ((self.layout.hidden_size,) if f.per_d else
-                                 (self.layout.top_k,) if f.per_k else ())
+            n = sum(len(r.tokens[f.name]) for r in rows) if f.ragged else n_rows
+            shape = f.shape(n, self.layout.hidden_size, self.layout.top_k)
             attrs = {"storage": self.layout.hidden_dtype} if f.name == "hidden" else {}
             sizes[f.name] = _write_array(group, out, f.name, [r.tokens[f.name] for r in rows],
                                          shape, f.dtype, attrs, files)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cache.sampled import draw
+
 
 class UnsupportedTeacherError(ValueError):
     """A teacher whose logits the cache could not reproduce from hidden states."""
@@ -52,12 +54,16 @@ class HeadOutputs:
     lse: torch.Tensor  # (T,) float32, log-sum-exp of the logits
     tail_logprob: torch.Tensor  # (T,) float32, log of the mass outside the top-k (-inf if none)
     next_logprob: torch.Tensor  # (T,) float32, log p(observed next token)
+    sampled_ids: torch.Tensor | None = None  # (T, N) int32 distinct drawn ids (sampled targets)
+    sampled_counts: torch.Tensor | None = None  # (T, N) int32 their counts, 0 = padding
 
 
 def head_step(hidden: torch.Tensor, next_ids: torch.Tensor, head: Head, top_k: int,
-              max_logit_elems: int = 1 << 26) -> HeadOutputs:
+              max_logit_elems: int = 1 << 26, sampled: int = 0, sample_temperature: float = 1.0,
+              generator: torch.Generator | None = None) -> HeadOutputs:
     """Sparse teacher signal for T token rows at temperature 1, computed in row chunks so the
-    (rows, V) float32 logits stay under ``max_logit_elems`` elements (256 MiB by default)."""
+    (rows, V) float32 logits stay under ``max_logit_elems`` elements (256 MiB by default).
+    ``sampled`` > 0 also draws that many ids per row from softmax(logits / sample_temperature)."""
     hidden = hidden.to(head.device)
     next_ids = next_ids.to(head.device, torch.long)
     V = head.vocab_size
@@ -75,6 +81,9 @@ def head_step(hidden: torch.Tensor, next_ids: torch.Tensor, head: Head, top_k: i
         # One exp pass serves both the log-sum-exp and the tail mass: p = exp(z - max), in place.
         m = z.amax(dim=-1, keepdim=True)  # (t, 1)
         p = z.sub_(m).exp_()  # (t, V)
+        if sampled:  # before the tail step below overwrites p
+            w = p if sample_temperature == 1.0 else p.pow(1.0 / sample_temperature)
+            drawn = draw(w, sampled, generator)
         total = p.sum(dim=-1)  # (t,)
         lse = m[:, 0] + total.log()
         nxt = nxt_logit - lse
@@ -86,13 +95,17 @@ def head_step(hidden: torch.Tensor, next_ids: torch.Tensor, head: Head, top_k: i
             tail = torch.full_like(lse, float("-inf"))
         else:
             tail = torch.zeros_like(lse)  # all mass is outside an empty top-k: log 1
-        parts.append(HeadOutputs(ids.to(torch.int32), logp, lse, tail, nxt))
+        parts.append(HeadOutputs(ids.to(torch.int32), logp, lse, tail, nxt,
+                                 *(drawn if sampled else (None, None))))
     if not parts:
         e = hidden.new_zeros(0, dtype=torch.float32)
+        none = torch.zeros(0, sampled, dtype=torch.int32, device=head.device) if sampled else None
         return HeadOutputs(torch.zeros(0, k, dtype=torch.int32, device=head.device),
-                           e.new_zeros(0, k), e, e.clone(), e.clone())
-    return HeadOutputs(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                         ("topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob")))
+                           e.new_zeros(0, k), e, e.clone(), e.clone(), none,
+                           None if none is None else none.clone())
+    names = ["topk_ids", "topk_logprobs", "lse", "tail_logprob", "next_logprob"]
+    names += ["sampled_ids", "sampled_counts"] if sampled else []
+    return HeadOutputs(*(torch.cat([getattr(p, f) for p in parts]) for f in names))
 
 
 # --------------------------------------------------------------------------- architectures

@@ -77,11 +77,13 @@ def test_cache_holds_the_teacher_and_the_texts(reference, toy_world):
         # the sparse fields agree with the full distribution rebuilt from the cached hidden @ head
         logp = teacher.head().logits(torch.from_numpy(c.hidden)).log_softmax(-1)  # (n-1, V)
         ref_lp, _ = logp.topk(16, dim=-1)
-        worst = max(worst, (ref_lp - torch.tensor(c.topk_logprobs)).abs().max().item())
+        # default q8 storage: within one code step of the row's range (docs/cache-format.md §5.1)
+        step = (ref_lp[:, :1] - ref_lp[:, -1:]) / 254
+        worst = max(worst, ((ref_lp - torch.tensor(c.topk_logprobs)).abs() - step).max().item())
         nxt = logp.gather(1, torch.tensor(c.input_ids[1:].tolist())[:, None])[:, 0]
         torch.testing.assert_close(torch.tensor(c.next_logprob), nxt, rtol=0, atol=5e-3)
         mass = np.exp(c.topk_logprobs).sum(1) + np.exp(c.tail_logprob)
-        np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+        np.testing.assert_allclose(mass, 1.0, atol=1e-2)  # q8: a step is up to 2·range/254
     assert worst < 5e-3, worst
 
 

@@ -50,9 +50,13 @@ def synthetic_rows(n_examples: int, D: int, V: int, hidden_dtype: str, top_k: in
 
 def build_synthetic_cache(out: Path, n_examples: int = 23, shard_size: int = 5, D: int = 16,
                           V: int = 50, hidden_dtype: str = "fp16", top_k: int = 4,
-                          commit: list[int] | None = None, seed: int = 0):
-    """Start a cache, commit shards (all, or only ``commit``), finalize when all are there."""
+                          commit: list[int] | None = None, seed: int = 0,
+                          topk_logprobs: str | None = None):
+    """Start a cache, commit shards (all, or only ``commit``), finalize when all are there.
+    ``topk_logprobs``: None keeps the version-1 top-k storage (int32 ids, float32 log-probs);
+    q8/fp16/fp32 uses the narrowest ids for V, as cache-teacher does."""
     rows, hiddens = synthetic_rows(n_examples, D, V, hidden_dtype, top_k, seed)
+    topk = spec.V1_TOPK if topk_logprobs is None else spec.TopkStorage.for_vocab(V, topk_logprobs)
     g = torch.Generator().manual_seed(seed)
     head = {spec.HEAD_WEIGHT: torch.randn(V, D, generator=g)}
     head_info = write_head(out, head, {"logit_scale": 1.0, "tied_embeddings": True})
@@ -60,7 +64,8 @@ def build_synthetic_cache(out: Path, n_examples: int = 23, shard_size: int = 5, 
     layout = {"n_examples": n_examples, "shard_size": shard_size, "n_shards": len(ranges),
               "hidden_dtype": hidden_dtype, "hidden_storage": str(spec.HIDDEN_STORAGE[hidden_dtype]),
               "top_k": top_k, "hidden_size": D, "vocab_size": V,
-              "token_fields": [f.name for f in spec.token_fields(hidden_dtype, top_k)],
+              **(topk.layout_keys() if topk_logprobs else {}),
+              "token_fields": [f.name for f in spec.token_fields(hidden_dtype, top_k, topk)],
               "checksum": spec.CHECKSUM}
     fps = {"format_version": spec.FORMAT_VERSION, "dataset": f"synthetic-{seed}", "top_k": top_k}
     m = start_cache(out, fps, {"name": "synthetic"}, layout, head_info)
@@ -92,3 +97,9 @@ def make_cache(tmp_path):
         return out, rows, hiddens
 
     return make
+
+
+@pytest.fixture
+def rows_of():
+    """synthetic_rows itself, for tests that rebuild the rows a cache was written from."""
+    return synthetic_rows
