@@ -97,9 +97,9 @@ class DistillConfig:
     # --- method
     method: Method = field(default="dskd", metadata={"help": "distillation method"})
     divergence: Divergence = field(default="fkl", metadata={"help": "KD divergence"})
-    teacher_signal: Literal["exact", "topk"] = field(default="exact", metadata={
+    teacher_signal: Literal["exact", "topk", "sampled"] = field(default="exact", metadata={
         "help": "exact: full teacher logits = cached hidden × cached head; topk: cached top-k + "
-                "tail only (cheap)"})
+                "tail only (cheap); sampled: the cache's RS-KD draws (kd + fkl only, unbiased)"})
     kd_rate: float = field(default=0.5, metadata={"help": "α: loss = (1-α)·CE + α·KD"})
     kd_temperature: float = field(default=2.0, metadata={"help": "τ of every KD divergence"})
     skew_lambda: float = field(default=0.1, metadata={"help": "λ of skl/srkl"})
@@ -392,7 +392,7 @@ def loss_options(cfg: DistillConfig) -> dict[str, Any]:
     --teacher-signal implies: the one place flags become loss options."""
     opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(LossOptions)
             if hasattr(cfg, f.name)}
-    opts["teacher_target"] = "sparse" if cfg.teacher_signal == "topk" else "dense"
+    opts["teacher_target"] = {"topk": "sparse", "sampled": "sampled"}.get(cfg.teacher_signal, "dense")
     return opts
 
 
@@ -408,7 +408,8 @@ def teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig, 
     return build_signal(t, teacher.head, mode=teacher.mode,
                         needs_hidden=loss_fn.needs_teacher_hidden,
                         needs_embed=loss_fn.needs_teacher_embeddings,
-                        dense_max_bytes=cfg.dense_logits_max_mb << 20)
+                        dense_max_bytes=cfg.dense_logits_max_mb << 20,
+                        sample_temperature=teacher.sample_temperature)
 
 
 @torch.no_grad()

@@ -9,6 +9,9 @@ sparse paths only differ in how they build (log p, log q):
   reduced to the same outcomes: `bucket` = the k ids plus one tail bucket, `renorm` = the k ids
   renormalised (tail dropped). See docs/methods.md for the temperature rule of the tail.
 
+* sampled (`SampledTarget`, RS-KD): the teacher is known through N draws; only forward KL is
+  supported, as the unbiased cross-entropy estimate `sampled_cross_entropy` (docs/methods.md).
+
 Shapes: student logits (…, V); dense target logits (…, V); sparse target ids/logprobs (…, k);
 results are per token (…,), unmasked. `divergence_rows` is the chunked, masked variant.
 """
@@ -77,7 +80,25 @@ class SparseTarget:
     tail_logprob: Tensor | None = None
 
 
-Target = Tensor | HeadLogits | SparseTarget
+@dataclass
+class SampledTarget:
+    """A teacher distribution known through N draws from it (RS-KD, sampled sparse targets).
+
+    ids (…, W) int64 distinct drawn ids; counts (…, W) how often each was drawn (0 = padding),
+    summing to N per row; temperature: the temperature the draws were made at (None: unchecked).
+    count / N is an unbiased estimate of the teacher's probability, which is all a loss that is
+    linear in the target (cross-entropy, hence forward KL up to the teacher's entropy) needs.
+    """
+
+    ids: Tensor
+    counts: Tensor
+    temperature: float | None = None
+
+
+# Divergences a sampled target supports: those linear in p, so that E[count/N] = p carries over.
+SAMPLED_DIVERGENCES = ("fkl",)
+
+Target = Tensor | HeadLogits | SparseTarget | SampledTarget
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +254,34 @@ def _distinct_valid(ids: Tensor, valid: Tensor, vocab: int) -> Tensor:
     return _membership(ids, valid, vocab).sum(-1)
 
 
+def sampled_cross_entropy(student_logits: Tensor, target: SampledTarget,
+                          opts: DivergenceOptions) -> Tensor:
+    """Per-token Σ_w count_w / N · -log q_τ(id_w) (…,): unbiased for the cross-entropy H(p_τ, q_τ)
+    when the ids were drawn from the teacher at τ, so its gradient is unbiased for forward KL's
+    (KL = H(p, q) - H(p), and H(p) does not depend on the student). Rows without draws give 0."""
+    tau = opts.temperature * opts.target_temperature
+    if target.temperature is not None and not math.isclose(tau, target.temperature, rel_tol=1e-6):
+        raise ValueError(f"the sampled targets were drawn at temperature {target.temperature:g} "
+                         f"but the divergence's target temperature is {tau:g}; an unbiased "
+                         "estimate needs the two equal")
+    lq = torch.log_softmax(student_logits.float() / opts.temperature, -1)
+    counts = target.counts.to(lq.dtype)
+    w = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    lq_ids = lq.gather(-1, target.ids.long())
+    return -torch.where(counts > 0, w * lq_ids, torch.zeros_like(lq_ids)).sum(-1)
+
+
+def _per_token(key: str, student_logits: Tensor, target: Target, opts: DivergenceOptions) -> Tensor:
+    if isinstance(target, SampledTarget):
+        if key not in SAMPLED_DIVERGENCES:
+            raise ValueError(f"divergence {key!r} cannot be estimated from sampled targets (it is "
+                             f"not linear in the teacher's probabilities); use one of "
+                             f"{SAMPLED_DIVERGENCES}")
+        return sampled_cross_entropy(student_logits, target, opts)
+    lq, lp, invalid = logprobs_pair(student_logits, target, opts)
+    return _from_logprobs(key, lq, lp, invalid, opts)
+
+
 def logprobs_pair(
     student_logits: Tensor, target: Target, opts: DivergenceOptions
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -254,8 +303,7 @@ def divergence(
     """Per-token D(target ‖ student) (…,), unmasked, float32. Gradients reach the student only."""
     opts = opts or DivergenceOptions()
     key = canonical_divergence(name)
-    lq, lp, invalid = logprobs_pair(student_logits, _detach_target(target), opts)
-    return _from_logprobs(key, lq, lp, invalid, opts)
+    return _per_token(key, student_logits, _detach_target(target), opts)
 
 
 def divergence_rows(
@@ -282,8 +330,7 @@ def divergence_rows(
     s_rows = student_logits.reshape(-1, vocab)
 
     def fn(s: Tensor, *t_rows: Tensor | None) -> Tensor:
-        lq, lp, invalid = logprobs_pair(s, rebuild(t_rows), opts)
-        return _from_logprobs(key, lq, lp, invalid, opts)
+        return _per_token(key, s, rebuild(t_rows), opts)
 
     sel = mask.reshape(-1) if mask is not None else None
     out = map_rows(fn, [s_rows, *rows], select=sel, chunk_rows=chunk_rows, vocab_size=vocab)
@@ -310,5 +357,8 @@ def target_rows(target: Target, n_lead: int):
     if isinstance(target, HeadLogits):
         return [flat(target.hidden)], lambda r: HeadLogits(
             r[0], target.weight, target.bias, target.scale)
+    if isinstance(target, SampledTarget):
+        return [flat(target.ids), flat(target.counts)], lambda r: SampledTarget(
+            r[0], r[1], target.temperature)
     rows = [flat(target.ids), flat(target.logprobs), flat(target.tail_logprob)]
     return rows, lambda r: SparseTarget(r[0], r[1], target.vocab_size, r[2])

@@ -28,13 +28,16 @@ PROJECTOR_INITS = ("auto", "random", "pinv")
 DIVERGENCES = tuple(OFFICIAL_NAMES)
 
 # Which teacher signal (`dskd distill --teacher-signal`) each method can learn from; checked
-# before any model loads. exact: full logits = cached hidden @ head; topk: cached top-k + tail.
+# before any model loads. exact: full logits = cached hidden @ head; topk: cached top-k + tail;
+# sampled: the cache's RS-KD draws, an unbiased estimate for an expectation over the teacher (KD's
+# forward KL; the other constraints of sampled: train/setup._sampled_check, docs/methods.md).
 # The dual-space methods project hidden states and rebuild full logits in the teacher space, so
-# a top-k signal would add nothing; ULD sorts the whole distribution. Add a signal (e.g.
-# `sampled`) here and in the losses that read it; every method needs an entry (tested).
+# a top-k signal would add nothing; ULD sorts the whole distribution, MinED maps it across
+# vocabularies. Add a signal here and in the losses that read it; every method needs an entry
+# (tested).
 TEACHER_SIGNALS: dict[str, tuple[str, ...]] = {
     "sft": (),  # no teacher
-    "kd": ("exact", "topk"),
+    "kd": ("exact", "topk", "sampled"),
     "dskd": ("exact",),
     "dskd-cma": ("exact",),
     "dskd-v2": ("exact",),
@@ -73,7 +76,7 @@ class LossOptions:
     projector_init: Literal["auto", "random", "pinv"] = "auto"
     t2s_agreement: float = 1.0  # DSKDv2: filter the student-space KD while agreement ≤ this
     sparse_tail: Literal["bucket", "renorm"] = "bucket"  # top-k tail: one bucket or dropped
-    teacher_target: Literal["auto", "dense", "sparse"] = "auto"  # kd/mined: which teacher form
+    teacher_target: Literal["auto", "dense", "sparse", "sampled"] = "auto"  # kd/mined: teacher form
     chunk_rows: int | None = None  # token rows per chunk (None: ~64 MiB per (rows, V) tensor)
     mined_stu2tea: Literal["closest", "first"] = "closest"  # student id -> teacher id choice
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dskd.pipeline.losses.common import HeadLogits, head_logits, label_mask
-from dskd.pipeline.losses.divergences import SparseTarget, Target
+from dskd.pipeline.losses.divergences import SampledTarget, SparseTarget, Target
 
 
 @dataclass
@@ -65,6 +65,9 @@ class TeacherSignal:
     topk_logprobs: Tensor | None = None  # (B, T_t, k) log_softmax at τ=1, full vocabulary
     tail_logprob: Tensor | None = None  # (B, T_t) log(1 - Σ top-k probs)
     vocab_size: int | None = None  # V_t; defaults to the head / logits size
+    sampled_ids: Tensor | None = None  # (B, T_t, W) distinct ids drawn from the teacher
+    sampled_counts: Tensor | None = None  # (B, T_t, W) their counts (0 = padding)
+    sample_temperature: float | None = None  # temperature of the draws (cache layout)
 
     @property
     def mask(self) -> Tensor:
@@ -77,6 +80,10 @@ class TeacherSignal:
     @property
     def has_sparse(self) -> bool:
         return self.topk_ids is not None and self.topk_logprobs is not None
+
+    @property
+    def has_sampled(self) -> bool:
+        return self.sampled_ids is not None and self.sampled_counts is not None
 
     def vocab(self) -> int:
         if self.vocab_size is not None:
@@ -108,13 +115,21 @@ class TeacherSignal:
         lp = _need(self.topk_logprobs, "teacher.topk_logprobs")
         return SparseTarget(ids, lp, self.vocab(), self.tail_logprob)
 
+    def sampled_target(self) -> SampledTarget:
+        return SampledTarget(_need(self.sampled_ids, "teacher.sampled_ids").long(),
+                             _need(self.sampled_counts, "teacher.sampled_counts"),
+                             self.sample_temperature)
+
     def target(self, prefer: str = "auto") -> Target:
-        """prefer: 'dense', 'sparse' or 'auto' (dense when available, else the top-k cache)."""
+        """prefer: 'dense', 'sparse', 'sampled' or 'auto' (dense when available, else the
+        sampled targets, else the top-k cache)."""
         if prefer == "dense" or (prefer == "auto" and self.has_dense):
             return self.dense_target()
+        if prefer == "sampled" or (prefer == "auto" and self.has_sampled):
+            return self.sampled_target()
         if prefer in ("sparse", "auto"):
             return self.sparse_target()
-        raise ValueError(f"teacher_target must be auto, dense or sparse, got {prefer!r}")
+        raise ValueError(f"teacher_target must be auto, dense, sparse or sampled, got {prefer!r}")
 
 
 @dataclass

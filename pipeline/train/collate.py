@@ -48,14 +48,15 @@ def collate_tokens(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pa
 
 def pad_rows(rows: Sequence[np.ndarray | torch.Tensor], T: int, fill: float = 0.0,
              dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Stack per-example (n_b, ...) arrays into (B, T, ...), filling rows n_b..T-1 with `fill`.
+    """Stack per-example (n_b, ...) arrays into (B, T, ...), filling rows n_b..T-1 with `fill`;
+    trailing axes that differ between examples (sampled targets' width) are padded to the widest.
 
     Copies into one new buffer, so read-only inputs (memory-mapped cache rows) are fine.
     """
-    first = np.asarray(rows[0]) if not isinstance(rows[0], torch.Tensor) else rows[0].numpy()
-    np_dtype = first.dtype if dtype is None else torch.empty(0, dtype=dtype).numpy().dtype
-    out = np.full((len(rows), T, *first.shape[1:]), fill, dtype=np_dtype)
+    rows = [r.numpy() if isinstance(r, torch.Tensor) else np.asarray(r) for r in rows]
+    np_dtype = rows[0].dtype if dtype is None else torch.empty(0, dtype=dtype).numpy().dtype
+    trailing = tuple(max(r.shape[i] for r in rows) for i in range(1, rows[0].ndim))
+    out = np.full((len(rows), T, *trailing), fill, dtype=np_dtype)
     for b, r in enumerate(rows):
-        r = r.numpy() if isinstance(r, torch.Tensor) else r
-        out[b, : r.shape[0]] = r
+        out[(b, slice(0, r.shape[0]), *(slice(0, w) for w in r.shape[1:]))] = r
     return torch.from_numpy(out)

@@ -18,6 +18,7 @@ from ..cache.spec import CacheError
 from ..config import ConfigError
 from ..data import BadRows, Example, load_examples
 from ..losses.baselines import SFTLoss
+from ..losses.divergences import SAMPLED_DIVERGENCES
 from ..losses.registry import signal_problem
 from ..losses.signals import DistillLoss
 from ..tokenize import TokenizeError, tokenize_example
@@ -122,6 +123,8 @@ def check_config(cfg: Any) -> RunInputs:
             and manifest["layout"].get("top_k", 0) == 0:
         errs.append(f"--teacher-signal topk: cache {cfg.cache} has no top-k (made with --top-k 0); "
                     "use --teacher-signal exact")
+    elif cfg.teacher_signal == "sampled" and cfg.method != "sft":
+        errs += _sampled_check(cfg, manifest)
     if manifest is not None and cfg.data and fp:
         errs += _dataset_check(cfg, fp, template)
     if cfg.valid_cache and manifest is not None:
@@ -134,6 +137,10 @@ def check_config(cfg: Any) -> RunInputs:
             if vdiff:
                 errs.append(f"--valid-cache {cfg.valid_cache} does not match --cache: "
                             + "; ".join(vdiff))
+            if cfg.teacher_signal == "sampled" and cfg.method != "sft":
+                errs += [e.replace("--cache", "--valid-cache", 1) for e in
+                         _sampled_check(cfg, valid_manifest, cfg.valid_cache)
+                         if e.startswith("--cache")]
         except CacheError as e:
             errs.append(str(e))
     errs += _dual_space_check(cfg)
@@ -170,6 +177,33 @@ def needs_teacher_tokenizer(cfg: Any) -> bool:
         cfg.method == "dskd-cma" and getattr(cfg, "projector_init", "auto") == "pinv")
 
 
+def _sampled_check(cfg: Any, manifest: dict[str, Any] | None, path: str | None = None
+                   ) -> list[str]:
+    """--teacher-signal sampled: what the unbiased estimate needs (see docs/methods.md)."""
+    errs = []  # (which methods take it: registry.TEACHER_SIGNALS, checked by the caller)
+    if cfg.divergence not in SAMPLED_DIVERGENCES:
+        errs.append(f"--teacher-signal sampled: --divergence {cfg.divergence} cannot be estimated "
+                    "without bias from sampled ids (only forward KL is linear in the teacher's "
+                    "probabilities, so count/N can stand in for them); use --divergence fkl, or "
+                    "--teacher-signal topk / exact")
+    if cfg.teacher:
+        errs.append("--teacher-signal sampled reads the draws from a cache (cache-teacher "
+                    "--sampled-targets N); online distillation takes --teacher-signal exact or topk")
+    if manifest is not None:
+        lay = manifest["layout"]
+        where = path or cfg.cache
+        if not lay.get("sampled_targets"):
+            errs.append(f"--cache {where} has no sampled targets; rebuild it with `dskd "
+                        "cache-teacher ... --sampled-targets 32`, or use --teacher-signal topk/exact")
+        elif abs(lay["sampled_temperature"] - cfg.kd_temperature) > 1e-6 * cfg.kd_temperature:
+            errs.append(f"--cache {where} drew its sampled targets at temperature "
+                        f"{lay['sampled_temperature']:g}, but --kd-temperature is "
+                        f"{cfg.kd_temperature:g}: the estimate is unbiased only when they are "
+                        f"equal. Pass --kd-temperature {lay['sampled_temperature']:g}, or rebuild "
+                        f"the cache with --sampled-temperature {cfg.kd_temperature:g}")
+    return errs
+
+
 def _dataset_check(cfg: Any, fp: dict[str, Any], template: str) -> list[str]:
     """--data with --cache: the cache must have been made from exactly this data."""
     from ..cache.fingerprint import dataset_fingerprint
@@ -190,12 +224,13 @@ def _dataset_check(cfg: Any, fp: dict[str, Any], template: str) -> list[str]:
 
 @dataclass
 class TeacherSide:
-    mode: str  # "exact" | "topk" | "none"
+    mode: str  # "exact" | "topk" | "sampled" | "none"
     head: TeacherHead | None = None
     model: nn.Module | None = None  # online only
     tokenizer: Any = None
     hidden_size: int | None = None
     pad_id: int = 0
+    sample_temperature: float | None = None  # sampled: the temperature the cache drew at
 
 
 def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch.device) -> TeacherSide:
@@ -205,7 +240,8 @@ def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch
         m = inp.manifest
         tok = _cache_teacher_tokenizer(m, cfg.method) if needs_teacher_tokenizer(cfg) else None
         return TeacherSide(cfg.teacher_signal, cache_head(cfg.cache, m, device), None, tok,
-                           int(m["layout"]["hidden_size"]), 0)
+                           int(m["layout"]["hidden_size"]), 0,
+                           m["layout"].get("sampled_temperature"))
     from ..teachers.head import head_from_model
 
     tok, _ = load_tokenizer(cfg.teacher)
@@ -243,7 +279,8 @@ def cache_fields(cfg: Any, loss: DistillLoss) -> list[str]:
         return []
     if cfg.teacher_signal == "exact":
         return ["hidden"]
-    fields = ["topk_ids", "topk_logprobs", "tail_logprob"]
+    fields = (["sampled_ids", "sampled_counts"] if cfg.teacher_signal == "sampled"
+              else ["topk_ids", "topk_logprobs", "tail_logprob"])
     return fields + (["hidden"] if loss.needs_teacher_hidden else [])
 
 

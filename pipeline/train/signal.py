@@ -3,8 +3,9 @@
 `exact`: full teacher logits = hidden × head (+ bias), rebuilt from the cached hidden states and
 the cached head. They are materialised when (B, T_t, V_t) fits `dense_max_bytes`, otherwise the
 loss gets hidden + head and applies the head chunk by chunk (same numbers, bounded memory).
-`topk`: the cached top-k log-probs + tail mass only (cheap; no V_t-sized tensor). Hidden states
-ride along whenever the loss needs them (DSKD uses them in both modes).
+`topk`: the cached top-k log-probs + tail mass only (cheap; no V_t-sized tensor). `sampled`: the
+cached RS-KD draws (distinct ids + counts), an unbiased estimate of the teacher for forward KL.
+Hidden states ride along whenever the loss needs them (DSKD uses them in every mode).
 
 Online mode runs the teacher forward here and then builds the signal with the *same* code from
 its hidden states, which is what makes cache-vs-online a like-for-like comparison.
@@ -108,7 +109,8 @@ def topk_from_hidden(hidden: Tensor, labels: Tensor, head: TeacherHead, k: int) 
 
 
 def build_signal(t: dict[str, Tensor], head: TeacherHead, *, mode: str, needs_hidden: bool,
-                 needs_embed: bool, dense_max_bytes: int = DEFAULT_DENSE_MAX_BYTES) -> TeacherSignal:
+                 needs_embed: bool, dense_max_bytes: int = DEFAULT_DENSE_MAX_BYTES,
+                 sample_temperature: float | None = None) -> TeacherSignal:
     """TeacherSignal for one micro-batch (tensors already on the device)."""
     hidden = t.get("teacher_hidden")
     sig = TeacherSignal(labels=t["teacher_labels"], input_ids=t["teacher_input_ids"],
@@ -124,6 +126,10 @@ def build_signal(t: dict[str, Tensor], head: TeacherHead, *, mode: str, needs_hi
         B, T, V = hidden.shape[0], hidden.shape[1], head.vocab_size
         if B * T * V * 4 <= dense_max_bytes:  # fits: materialise once, the loss reuses it
             sig.logits = head_logits(hidden, head.weight, head.bias)
+    elif mode == "sampled":
+        sig.sampled_ids = t["teacher_sampled_ids"]
+        sig.sampled_counts = t["teacher_sampled_counts"]
+        sig.sample_temperature = sample_temperature
     else:
         sig.topk_ids = t["teacher_topk_ids"]
         sig.topk_logprobs = t["teacher_topk_logprobs"]

@@ -226,7 +226,7 @@ class BatchBuilder:
             for name in self.teacher_fields:
                 # padding rows are masked by the labels; id 0 keeps any gather in range
                 out[f"teacher_{name}"] = pad_rows([getattr(r, name) for r in rows], T_t, 0,
-                                                  dtype=torch.long if name == "topk_ids" else None)
+                                                  dtype=torch.long if name.endswith("_ids") else None)
         return [s.example_id for s in student], out
 
     def _student(self, row: Any) -> TokenizedExample:
@@ -279,7 +279,8 @@ def check_row(row: CachedExample, student: TokenizedExample) -> None:
         raise AlignmentError(f"{where}: the student's text (hash {text_hash(student.text)}) is not "
                              f"the cached text (hash {text_hash(cached_text)})")
     n = len(row.input_ids)
-    for name in ("hidden", "topk_ids", "topk_logprobs", "tail_logprob"):
+    for name in ("hidden", "topk_ids", "topk_logprobs", "tail_logprob", "sampled_ids",
+                 "sampled_counts"):
         arr = getattr(row, name)
         if arr is not None and arr.shape[0] != n - 1:
             raise AlignmentError(f"{where}: {name} has {arr.shape[0]} rows but the cached sequence "

@@ -54,6 +54,8 @@ def test_every_method_declares_its_teacher_signals():
     assert set(TEACHER_SIGNALS) == set(METHODS)
     assert signal_problem("kd", "topk") is None and signal_problem("sft", "topk") is None
     assert "use --teacher-signal exact" in signal_problem("uld", "topk")
+    assert signal_problem("kd", "sampled") is None
+    assert "exact or topk" in signal_problem("mined", "sampled")
 
 
 def test_bad_names_and_options_fail_clearly():
