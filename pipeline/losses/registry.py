@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -82,6 +83,40 @@ class LossOptions:
 
 
 _OPTION_NAMES = {f.name for f in fields(LossOptions)}
+
+# Options only some methods read: with any other method a non-default value would be silently
+# ignored, so `dskd distill` refuses it. (sparse_tail: only a top-k target reads it.)
+OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "teacher_space_divergence": DUAL_SPACE,
+    "accuracy_filter": ("dskd", "dskd-cma"),
+    "cma_norm": ("dskd-cma",),
+    "teacher_temperature": ("dskd-cma",),
+    "unused_query_projector": ("dskd",),
+    "mined_stu2tea": ("mined",),
+}  # projector_init, t2s_agreement (and --alignment): train.setup._dual_space_check
+
+
+def option_problems(method: str, values: Mapping[str, Any], teacher_signal: str = "exact"
+                    ) -> list[str]:
+    """Each non-default loss option in `values` that `method` (with this signal) does not read."""
+    default = LossOptions()
+    out = []
+    for name, methods in OPTION_METHODS.items():
+        v = values.get(name, getattr(default, name))
+        if v != getattr(default, name) and method not in methods:
+            out.append(f"{_flag(name, v)} does nothing with --method {method} (read by "
+                       f"{', '.join(methods)} only); drop it")
+    tail = values.get("sparse_tail", default.sparse_tail)
+    if tail != default.sparse_tail and teacher_signal != "topk":
+        out.append(f"{_flag('sparse_tail', tail)} does nothing without --teacher-signal topk; drop it")
+    return out
+
+
+def _flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
 
 
 def build_loss(

@@ -19,7 +19,7 @@ from ..config import ConfigError
 from ..data import BadRows, Example, load_examples
 from ..losses.baselines import SFTLoss
 from ..losses.divergences import SAMPLED_DIVERGENCES
-from ..losses.registry import signal_problem
+from ..losses.registry import option_problems, signal_problem
 from ..losses.signals import DistillLoss
 from ..tokenize import TokenizeError, tokenize_example
 from .models import hf_model, load_teacher, load_tokenizer
@@ -116,6 +116,7 @@ def check_config(cfg: Any) -> RunInputs:
     if max_prompt_len >= max_len:
         errs.append(f"--max-prompt-len {max_prompt_len} must be < --max-len {max_len} "
                     "(the response needs room)")
+    errs += option_problems(cfg.method, vars(cfg), cfg.teacher_signal)
     signal_err = signal_problem(cfg.method, cfg.teacher_signal)
     if signal_err:
         errs.append(signal_err)

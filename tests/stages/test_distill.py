@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -234,55 +233,78 @@ def test_method_and_teacher_signal_that_do_not_fit_are_refused_before_compute(
     assert not (tmp_path / "r").exists()  # refused before the run dir, the models or a step
 
 
-def test_documented_loss_options_reach_the_loss(world, tmp_path):
-    """Every loss option docs/methods.md describes is a `dskd distill` flag, recorded in
-    config.yaml, and arrives in the loss the stage builds (stages.distill.loss_options)."""
+def _check_cma(loss, _):
+    assert loss.teacher_divergence == "js" and not loss.accuracy_filter
+    assert loss.norm == "supervised" and loss.opts.target_temperature == 1.5
+
+
+def _check_dskd(loss, _):
+    assert loss.accuracy_filter and not hasattr(loss, "query") and loss.teacher_divergence == "js"
+
+
+def _check_kd(loss, _):
+    assert loss.opts.sparse_tail == "renorm" and loss.teacher_target == "sparse"
+    assert loss.chunk_rows == 5
+
+
+def _check_mined(loss, toks):
+    from dskd.pipeline.losses.mined import build_vocab_map
+
+    first = build_vocab_map(*toks, "first").stu2tea
+    assert torch.equal(loss.vocab_map.stu2tea, first)
+    assert not torch.equal(first, build_vocab_map(*toks, "closest").stu2tea)
+
+
+@pytest.mark.parametrize("method,student,flags,check", [
+    ("dskd-cma", "student_xvocab", ["--teacher-space-divergence", "same", "--accuracy-filter",
+                                    "off", "--teacher-temperature", "1.5", "--cma-norm",
+                                    "supervised"], _check_cma),
+    ("dskd", "student", ["--teacher-space-divergence", "same", "--accuracy-filter", "on",
+                         "--no-unused-query-projector"], _check_dskd),
+    ("kd", "student", ["--teacher-signal", "topk", "--sparse-tail", "renorm", "--chunk-rows",
+                       "5"], _check_kd),
+    ("mined", "student_xvocab", ["--mined-stu2tea", "first"], _check_mined),
+])
+def test_documented_loss_options_reach_the_loss(world, tmp_path, method, student, flags, check):
+    """Every loss option docs/methods.md describes is a `dskd distill` flag: a run with it
+    records it in config.yaml, and the loss the stage builds from that config
+    (stages.distill.loss_options) has it."""
     from typer.testing import CliRunner
 
     from dskd.cli import app
     from dskd.pipeline.config import load_config
-    from dskd.pipeline.losses.mined import build_vocab_map
     from dskd.pipeline.losses.registry import LossOptions, build_loss
     from dskd.pipeline.train.models import load_tokenizer
     from dskd.stages.distill import loss_options
 
-    flags = ["--teacher-space-divergence", "same", "--accuracy-filter", "off",
-             "--teacher-temperature", "1.5", "--cma-norm", "supervised", "--mined-stu2tea",
-             "first", "--sparse-tail", "renorm", "--no-unused-query-projector",
-             "--chunk-rows", "5"]
     out = tmp_path / "r"
     r = CliRunner().invoke(app, ["distill", "--cache", str(world["cache"]), "--student",
-                                 str(world["toy"].student_xvocab), "--out", str(out),
-                                 "--method", "dskd-cma", "--divergence", "js", "--max-steps", "1",
+                                 str(getattr(world["toy"], student)), "--out", str(out),
+                                 "--method", method, "--divergence", "js", "--max-steps", "1",
                                  "--batch-size", "2", "--num-workers", "0", "--no-tensorboard",
                                  *flags])
     assert r.exit_code == 0, r.output
     got = load_config(DistillConfig, out / "config.yaml")
     opts = loss_options(got)
-    assert {k: opts[k] for k in ("teacher_space_divergence", "accuracy_filter", "teacher_temperature",
-                                 "cma_norm", "mined_stu2tea", "sparse_tail",
-                                 "unused_query_projector", "chunk_rows")} == {
-        "teacher_space_divergence": "same", "accuracy_filter": "off", "teacher_temperature": 1.5,
-        "cma_norm": "supervised", "mined_stu2tea": "first", "sparse_tail": "renorm",
-        "unused_query_projector": False, "chunk_rows": 5}
-    # every loss option is a flag of its own (teacher_target follows --teacher-signal;
-    # projector_init is --projector-init's, issue 13)
-    assert {f.name for f in dataclasses.fields(LossOptions)} - set(opts) <= {"projector_init"}
+    # every loss option is a flag (teacher_target follows --teacher-signal)
+    assert {f.name for f in dataclasses.fields(LossOptions)} <= set(opts)
+    toks = tuple(load_tokenizer(str(p))[0] for p in (getattr(world["toy"], student),
+                                                     world["toy"].teacher))
+    loss = build_loss(method, got.divergence, d_student=8, d_teacher=12, student_tokenizer=toks[0],
+                      teacher_tokenizer=toks[1], **opts)
+    check(loss, toks)
 
-    dims = {"d_student": 8, "d_teacher": 12}
-    cma = build_loss("dskd-cma", got.divergence, **dims, **opts)
-    assert cma.teacher_divergence == "js" and not cma.accuracy_filter and cma.norm == "supervised"
-    assert cma.opts.target_temperature == 1.5 and cma.chunk_rows == 5
-    dskd = build_loss("dskd", "js", **dims, **loss_options(replace(got, accuracy_filter="on")))
-    assert dskd.accuracy_filter and not hasattr(dskd, "query") and dskd.teacher_divergence == "js"
-    kd = build_loss("kd", **loss_options(replace(got, teacher_signal="topk")))
-    assert kd.opts.sparse_tail == "renorm" and kd.teacher_target == "sparse"
-    stok, ttok = (load_tokenizer(str(p))[0] for p in (world["toy"].student_xvocab,
-                                                      world["toy"].teacher))
-    mined = build_loss("mined", student_tokenizer=stok, teacher_tokenizer=ttok, **opts)
-    first = build_vocab_map(stok, ttok, "first").stu2tea
-    assert torch.equal(mined.vocab_map.stu2tea, first)
-    assert not torch.equal(first, build_vocab_map(stok, ttok, "closest").stu2tea)
+
+def test_loss_options_the_method_does_not_read_are_refused(world, tmp_path):
+    """A non-default option the method ignores would be silently dropped: refused, at once."""
+    with pytest.raises(ConfigError) as e:
+        run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="kd",
+                cma_norm="supervised", unused_query_projector=False, sparse_tail="renorm"))
+    msg = " ".join(str(e.value).split())
+    assert "--cma-norm supervised does nothing with --method kd (read by dskd-cma only)" in msg
+    assert "--no-unused-query-projector does nothing with --method kd (read by dskd only)" in msg
+    assert "--sparse-tail renorm does nothing without --teacher-signal topk" in msg
+    assert not (tmp_path / "r").exists()
 
 
 def test_same_vocab_methods_refuse_a_cross_vocab_student(world, tmp_path):
