@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import importlib
 import inspect
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -32,8 +33,12 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: it wraps help text and never cuts a flag name at 80 columns (rich's
+    # option table does), and "[default: …]" is not taken for markup and dropped.
+    rich_markup_mode=None,
 )
-cache_app = typer.Typer(help="Inspect and verify a teacher cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and verify a teacher cache.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 
 # command name -> (stage module, config class, issue that builds it)
@@ -57,29 +62,43 @@ def fail(msg: str, code: int = 2) -> None:
 
 
 def _option_for(name: str, tp: Any, default: Any, help_text: str) -> tuple[Any, Any]:
-    """Typer annotation + Option for one config field. Values stay raw; resolve() coerces them."""
+    """Typer annotation + Option for one config field. Values stay raw; resolve() coerces them.
+
+    Options default to None so that only flags actually given override a --config file; the
+    dataclass default is written into the help text instead ("[default: 0.5]").
+    """
     base, _ = unwrap_optional(tp)
     origin = get_origin(base)
-    kwargs: dict[str, Any] = {"help": help_text, "show_default": default is not None}
+    shown = _shown_default(default)
     if origin is Literal:
         # typer 0.29 has no click_type; resolve()/coerce() rejects values outside the choices.
-        kwargs["help"] = help_text + " (one of: " + ", ".join(str(c) for c in get_args(base)) + ")"
+        help_text += " (one of: " + ", ".join(str(c) for c in get_args(base)) + ")"
         annot: Any = Optional[str]
     elif origin is list:
         annot = Optional[list[str]]
-        kwargs["help"] = help_text + " (repeat the flag or separate values with commas)"
-    elif base is bool:
-        return Optional[bool], typer.Option(None, f"{flag_name(name)}/--no-{flag_name(name)[2:]}",
-                                            help=help_text + f" [default: {default}]",
-                                            show_default=False)
+        help_text += " (repeat the flag or separate values with commas)"
     elif base in (int, float, str):
         annot = Optional[base]
     else:
         annot = Optional[str]
-    if default is not None and not kwargs.get("show_default") is False:
-        kwargs["help"] = kwargs["help"] + f" [default: {default}]"
-    kwargs["show_default"] = False
-    return annot, typer.Option(None, flag_name(name), **kwargs)
+    if shown is not None:
+        help_text += f" [default: {shown}]"
+    flag = flag_name(name)
+    if base is bool:
+        return Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text,
+                                            show_default=False)
+    return annot, typer.Option(None, flag, help=help_text, show_default=False)
+
+
+def _shown_default(default: Any) -> str | None:
+    """The default as a user types it; None (nothing shown) for unset or empty ones."""
+    if default is None or default == "" or default == []:
+        return None
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, list):
+        return ",".join(str(v) for v in default)
+    return str(default)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -110,9 +129,13 @@ def make_command(cls: type, run: Any):
             cfg = resolve(cls, file_values, explicit)
         except (ConfigError, TypeError) as e:
             fail(str(e))
+        from .pipeline.train.logger import is_terminal, quiet_progress_bars
+
+        if not is_terminal():  # a log file: no bar frames from other libraries
+            quiet_progress_bars()
         with user_errors(getattr(cfg, "out", None)):
             out = run(cfg)
-        if out is not None:
+        if out is not None and os.environ.get("RANK", "0") == "0":  # one "done" line (torchrun: rank 0)
             typer.echo(f"done: {out}")
 
     callback.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

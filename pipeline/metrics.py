@@ -206,6 +206,35 @@ def _tokenize_like_cache(tokenizer: Any, ex: Any, limits: tuple[int, int]
 
 
 @torch.no_grad()
+def heldout_nll(examples: Sequence[Any], model: torch.nn.Module, tokenizer: Any, *,
+                batch_size: int = 16) -> dict[str, float | None]:
+    """Token-weighted NLL/PPL of each example's response given its prompt (no generation).
+
+    Tokenized as training does (no BOS, prompt and response apart, EOS appended, untruncated, as
+    `cache_fidelity`'s NLL); right-padded batches, so padding never shifts a real position.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    nll: dict[str, float] = {}
+    for i in range(0, len(examples), batch_size):
+        seqs = [_student_ids(tokenizer, ex.prompt, ex.response) for ex in examples[i:i + batch_size]]
+        width = max(len(ids) for ids, _ in seqs) - 1
+        x = torch.full((len(seqs), width), pad, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # (B, T), shifted
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for b, (ids, plen) in enumerate(seqs):
+            n = len(ids) - 1
+            x[b, :n] = torch.tensor(ids[:-1])
+            mask[b, :n] = 1
+            labels[b, plen - 1:n] = torch.tensor(ids[plen:])
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+        add_sums(nll, response_nll(logits.flatten(0, 1), labels.flatten().to(device)))
+    out = finalize_fidelity({}, nll)
+    return {"nll": out["nll"], "ppl": out["ppl"], "nll_tokens": out.get("nll_tokens", 0),
+            "examples": len(examples)}
+
+
+@torch.no_grad()
 def cache_fidelity(
     examples: Iterable[Any],
     head_weight: torch.Tensor,

@@ -76,16 +76,20 @@ class DistillConfig:
     teacher: str | None = field(default=None, metadata={
         "help": "teacher model dir: distill ONLINE (teacher forward in the loop) from --data"})
     data: str | None = field(default=None, metadata={
-        "help": "training data file (for --method sft, or online with --teacher)"})
+        "help": "training data file: SFT (--method sft) or online with --teacher; with --cache, "
+                "checked to be the data the cache was made from"})
     valid_cache: str | None = field(default=None, metadata={
-        "help": "held-out cache for validation loss (same teacher and template as --cache)"})
+        "help": "held-out cache for the validation loss (same teacher and template as --cache); "
+                "an SFT run from --data takes its template from it"})
     valid_data: str | None = field(default=None, metadata={
-        "help": "held-out data file: validation loss (online/SFT) and generation ROUGE-L"})
+        "help": "held-out data file, with any source (cache, online, SFT): validation loss "
+                "(the full loss online, else the student's CE) and the --eval-rouge generations"})
     field_map: str | None = field(default=None, metadata={
         "help": "data columns as canonical=column,... (see pipeline/data.py)"})
     template: Literal["dskd", "chat", "none"] | None = field(default=None, metadata={
-        "help": "prompt template for data files; with --cache it must match the cache's "
-                "(default: the cache's, else dskd)"})
+        "help": "prompt template for data files; with --cache/--valid-cache it must match the "
+                "cache's (default: the cache's, else dskd); printed at start, recorded in "
+                "config.yaml and final/dskd_run.json"})
     max_prompt_len: int | None = field(default=None, metadata={
         "help": "prompt tokens kept (default: the cache's, else 256)"})
     max_len: int | None = field(default=None, metadata={
@@ -100,7 +104,8 @@ class DistillConfig:
     teacher_signal: Literal["exact", "topk", "sampled"] = field(default="exact", metadata={
         "help": "exact: full teacher logits = cached hidden × cached head; topk: cached top-k + "
                 "tail only (cheap); sampled: the cache's RS-KD draws (kd + fkl only, unbiased)"})
-    kd_rate: float = field(default=0.5, metadata={"help": "α: loss = (1-α)·CE + α·KD"})
+    kd_rate: float = field(default=0.5, metadata={
+        "help": "α: loss = (1-α)·CE + α·KD (DSKD at 1 collapses: refused without --force)"})
     kd_temperature: float = field(default=2.0, metadata={"help": "τ of every KD divergence"})
     skew_lambda: float = field(default=0.1, metadata={"help": "λ of skl/srkl"})
     adaptive_kl_alpha: float = field(default=0.5, metadata={"help": "head/tail split of akl"})
@@ -157,7 +162,12 @@ class DistillConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max grad norm (0 = no clipping)"})
-    seed: int = field(default=42, metadata={"help": "seed of init, data order and dropout"})
+    seed: int = field(default=42, metadata={
+        "help": "seeds the data order, dropout and the init of the projectors and LoRA "
+                "adapters; the student's weights stay as saved in --student (see --init-seed)"})
+    init_seed: int | None = field(default=None, metadata={
+        "help": "re-initialise the student from its config.json with this seed (its saved "
+                "weights are not used); to vary the student's init"})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "auto: bf16 autocast on GPU, fp32 on CPU"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -167,7 +177,9 @@ class DistillConfig:
     save_interval: int = field(default=0, metadata={
         "help": "checkpoint every N steps (0 = at the end of each epoch); always at the end"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept (plus the best)"})
-    log_interval: int = field(default=10, metadata={"help": "log to metrics.jsonl every N steps"})
+    log_interval: int = field(default=10, metadata={
+        "help": "log to metrics.jsonl (and, when stderr is not a terminal, a progress line) "
+                "every N steps"})
     eval_rouge: bool = field(default=False, metadata={
         "help": "also generate on --valid-data and score ROUGE-L (selects the best checkpoint)"})
     eval_samples: int = field(default=0, metadata={"help": "examples for ROUGE-L (0 = all)"})
@@ -195,6 +207,9 @@ class DistillConfig:
     tensorboard: bool = field(default=True, metadata={"help": "TensorBoard logs if installed"})
     trace_examples: bool = field(default=False, metadata={
         "help": "write RUN_DIR/examples.rankR.jsonl: example ids of every step (audits the order)"})
+    force: bool = field(default=False, metadata={
+        "help": "run settings known to collapse (e.g. DSKD with --kd-rate 1) with a warning "
+                "instead of refusing them"})
 
 
 def run(cfg: DistillConfig) -> Path:
@@ -214,9 +229,14 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
 
     # ---- checks before compute: every problem at once, then the inputs they resolved
     inp: RunInputs = check_config(cfg)
+    # one resolved template and lengths from here on: config.yaml and dskd_run.json record them
+    cfg = dataclasses.replace(cfg, template=inp.template, max_prompt_len=inp.max_prompt_len,
+                              max_len=inp.max_len)
     if env.is_main:  # one run per RUN_DIR at a time (two would interleave checkpoints)
         (held if held is not None else []).append(ckpt.lock_run_dir(out))
     resume_from = _prepare_run_dir(cfg, out, env)
+    say(f"template {inp.template} (from {inp.template_from}) · max-prompt-len "
+        f"{inp.max_prompt_len} · max-len {inp.max_len}")
     for note in inp.notes:
         say(f"[yellow]note:[/] {note}")
 
@@ -232,7 +252,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     ckpt.seed_everything(cfg.seed)
     lora = LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                        tuple(cfg.lora_target_modules)) if cfg.lora else None
-    student = load_student(cfg.student, student_tok, lora=lora,
+    student = load_student(cfg.student, student_tok, lora=lora, init_seed=cfg.init_seed,
                            weights_dir=ckpt_state["student_dir"] if ckpt_state else None,
                            adapter_dir=ckpt_state["student_dir"] if ckpt_state and lora else None)
     if teacher.head is not None and cfg.method in ("kd",):  # padded vocabularies (Qwen's case)
@@ -374,13 +394,15 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     if env.is_main:
         ckpt.publish_dir(out / "final.tmp", out / "final")
         (out / "final" / "dskd_run.json").write_text(json.dumps(
-            {"step": step, "method": cfg.method, "best": best}, indent=2) + "\n")
+            {"step": step, "method": cfg.method, "best": best, "template": inp.template,
+             "max_prompt_len": inp.max_prompt_len, "max_len": inp.max_len}, indent=2) + "\n")
     dist.barrier()
     logger.close()
     if trace is not None:
         trace.close()
-    say(f"[green]done[/]: {out / 'final'} (step {step}"
-        + (f", best {best['metric']} {best['value']:.4f} at step {best['step']})" if best else ")"))
+    # `dskd distill` prints the one "done: …/final" line; here, what final/ holds
+    say(f"final/ = step {step}" + (f"; best {best['metric']} {best['value']:.4f} at step "
+                                   f"{best['step']}" if best else ""))
     return out / "final"
 
 

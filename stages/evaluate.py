@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeRemainingColumn)
@@ -70,8 +71,15 @@ class EvalConfig:
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
         "help": "model dtype (auto: as saved)"})
-    template: Literal["dskd", "chat", "none"] = field(default="dskd", metadata={
-        "help": "prompt template: use the one the models were trained with"})
+    template: Literal["dskd", "chat", "none"] | None = field(default=None, metadata={
+        "help": "prompt template (default: the one `dskd distill` recorded for the models, "
+                "else dskd)"})
+    allow_mixed_templates: bool = field(default=False, metadata={
+        "help": "put models trained on different prompt templates side by side (refused "
+                "otherwise: the comparison would be unfair)"})
+    generate: bool = field(default=True, metadata={
+        "help": "generate and score ROUGE-L / exact match; --no-generate: only the held-out "
+                "NLL of --data's responses and the --cache fidelity, in seconds"})
     field_map: str | None = field(default=None, metadata={
         "help": "column mapping canonical=column,... for unusual eval files"})
     on_bad_row: Literal["error", "skip"] = field(default="error", metadata={
@@ -139,8 +147,8 @@ def check_inputs(cfg: EvalConfig) -> None:
     problems = []
     if not cfg.model:
         problems.append("no --model given")
-    if not cfg.data:
-        problems.append("no --data given")
+    if not cfg.data and (cfg.generate or not cfg.cache):
+        problems.append("no --data given" + ("" if cfg.generate else " (nor --cache)"))
     if not cfg.out:
         problems.append("no --out given")
     if not cfg.seeds and cfg.decoding == "sample":
@@ -169,8 +177,38 @@ def check_inputs(cfg: EvalConfig) -> None:
         problems.append("--backend vllm: vLLM is not installed (pip install 'dskd[vllm]')")
     if cfg.cache and not Path(cfg.cache).is_dir():
         problems.append(f"--cache {cfg.cache} is not a directory")
+    trained = {model_display_name(m): t for m, t in training_templates(cfg).items() if t}
+    if len(set(trained.values())) > 1 and not cfg.allow_mixed_templates:
+        problems.append("the models were trained on different prompt templates ("
+                        + ", ".join(f"{m}: {t}" for m, t in trained.items()) + "), so side by "
+                        "side they are not comparable; retrain with one --template, or pass "
+                        "--allow-mixed-templates")
     if problems:
         raise EvalError("cannot run eval:\n  - " + "\n  - ".join(problems))
+
+
+def training_template(model_dir: str | Path) -> str | None:
+    """The prompt template `dskd distill` trained a model with: final/dskd_run.json, else the
+    run dir's config.yaml above a checkpoint (None: not a dskd run, or not recorded)."""
+    p = resolve_model_dir(model_dir)
+    if (p / "dskd_run.json").is_file():
+        return json.loads((p / "dskd_run.json").read_text()).get("template")
+    for d in list(p.parents)[:3]:
+        if (d / "config.yaml").is_file() and (d / "metrics.jsonl").is_file():  # a distill run
+            return (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("template")
+    return None
+
+
+def training_templates(cfg: EvalConfig) -> dict[str, str | None]:
+    return {m: training_template(m) for m in cfg.model if Path(m).is_dir()}
+
+
+def resolve_template(cfg: EvalConfig) -> str:
+    """--template, else the models' one training template, else dskd."""
+    if cfg.template:
+        return cfg.template
+    known = {t for t in training_templates(cfg).values() if t}
+    return known.pop() if len(known) == 1 else "dskd"
 
 
 def set_names(cfg: EvalConfig) -> list[str]:
@@ -299,6 +337,7 @@ class _Generator:
 
 def run(cfg: EvalConfig) -> Path:
     check_inputs(cfg)
+    cfg = dataclasses.replace(cfg, template=resolve_template(cfg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -316,7 +355,14 @@ def run(cfg: EvalConfig) -> Path:
     for mname, mdir in zip(mnames, model_dirs):
         run_metrics = plots.find_run_metrics(mdir, levels_up=3 if mdir.name == "student" else 2)
         models_info[mname] = {"path": str(mdir), "fingerprint": model_fingerprint(mdir),
-                              "metrics_jsonl": str(run_metrics) if run_metrics else None}
+                              "metrics_jsonl": str(run_metrics) if run_metrics else None,
+                              "train_template": training_template(mdir)}
+        if models_info[mname]["train_template"] not in (None, cfg.template):
+            console.print(f"[yellow]warning:[/] {mname} was trained on template "
+                          f"{models_info[mname]['train_template']}; prompting it with "
+                          f"--template {cfg.template}")
+    if not cfg.generate:
+        return score_without_generation(cfg, out, dict(zip(mnames, model_dirs)), models_info)
 
     texts, example_sets, fidelity = generate_all(cfg, out, sets, dict(zip(mnames, model_dirs)),
                                                  models_info, seeds, protocol)
@@ -349,6 +395,54 @@ def run(cfg: EvalConfig) -> Path:
     report_mod.write_report(results, out)
     _print_summary(scores, names)
     return out / report_mod.RESULTS_FILE
+
+
+def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path],
+                             models_info: dict[str, Any]) -> Path:
+    """--no-generate: per model, the held-out NLL of each eval set's responses and the fidelity
+    against --cache (and the exact metrics, where the data carries true probabilities)."""
+    tf = dataclasses.replace(cfg, backend="transformers")  # scoring needs the full logits
+    heldout: dict[str, dict[str, Any]] = {}
+    fidelity: dict[str, Any] | None = {} if cfg.cache else None
+    for mname, mdir in models.items():
+        model = _Generator(mdir, tf)
+        heldout[mname] = {}
+        for sname, path in zip(set_names(cfg), cfg.data):
+            tok = model.tokenizer if cfg.template == "chat" else None
+            examples = load_eval_set(path, cfg, out, tok)
+            heldout[mname][sname] = metrics.heldout_nll(examples, model.model, model.tokenizer,
+                                                        batch_size=cfg.batch_size)
+            exact = truth_metrics(path, examples, model.model, model.tokenizer)
+            if exact is not None:
+                heldout[mname][sname]["exact"] = exact
+        if fidelity is not None:
+            fidelity[mname] = cache_fidelity(tf, mdir, model)
+        model.close()
+    results = {
+        "format": "dskd-eval/1",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+        "protocol": None,  # nothing generated
+        "models": models_info,
+        "eval_sets": {n: {"path": d, "sha256": _file_sha(d)}
+                      for n, d in zip(set_names(cfg), cfg.data)},
+        "scores": {},
+        "heldout": heldout,
+        "fidelity": fidelity,
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
+                     "python": platform.python_version()},
+    }
+    atomic_write_text(out / report_mod.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    report_mod.write_report(results, out)
+    if heldout and cfg.data:
+        console.print(report_mod.heldout_table(heldout))
+    return out / report_mod.RESULTS_FILE
+
+
+def truth_metrics(path: str, examples: list[Example], model: Any, tok: Any) -> dict | None:
+    """Hook for the exact metrics against the data's true next-token probabilities (the toy
+    world's `probs`, issue 11); None until that function is on main, or for ordinary data."""
+    return None
 
 
 def generate_all(cfg: EvalConfig, out: Path, sets: dict[str, list[Example]],

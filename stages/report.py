@@ -30,6 +30,9 @@ class ReportConfig:
         "help": "eval output dirs (each holding results.json) to put side by side",
         "positional": True})  # `dskd report RUN_DIR... --out DIR`
     out: str = field(default="", metadata={"help": "output dir for report.md, results.json, PNGs"})
+    allow_mixed_templates: bool = field(default=False, metadata={
+        "help": "put models trained on different prompt templates side by side (refused "
+                "otherwise: the comparison would be unfair)"})
 
 
 # --------------------------------------------------------------------------- tables
@@ -79,6 +82,18 @@ def fidelity_table(fidelity: dict) -> str:
     return "\n".join(lines)
 
 
+def heldout_table(heldout: dict) -> str:
+    """Rows = models, columns = eval sets: held-out NLL per response token (and its PPL)."""
+    sets = list(dict.fromkeys(s for row in heldout.values() for s in row))
+    lines = ["| model | " + " | ".join(f"{s} NLL (PPL)" for s in sets) + " |",
+             "|---|" + "---:|" * len(sets)]
+    for model, row in heldout.items():
+        cells = ["–" if row.get(s, {}).get("nll") is None else
+                 f"{row[s]['nll']:.4f} ({row[s]['ppl']:.3g})" for s in sets]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _protocol_line(p: dict) -> str:
     if p.get("decoding") == "greedy":
         how = "greedy decoding"
@@ -103,8 +118,13 @@ def write_report(results: dict, out_dir: str | Path, title: str = "dskd eval") -
     for proto in results.get("protocols", [results.get("protocol")]):
         if proto:
             parts.append(f"Protocol: {_protocol_line(proto)}.")
-    parts += ["", "## ROUGE-L (mean ± std over seeds, ×100)", "", markdown_table(table, columns),
-              "", "## Exact match (mean ± std over seeds, %)", "", markdown_table(em_table, columns)]
+    if columns:  # nothing generated (--no-generate): no text-score tables
+        parts += ["", "## ROUGE-L (mean ± std over seeds, ×100)", "",
+                  markdown_table(table, columns), "", "## Exact match (mean ± std over seeds, %)",
+                  "", markdown_table(em_table, columns)]
+    if results.get("heldout"):
+        parts += ["", "## Held-out NLL per response token (no generation)", "",
+                  heldout_table(results["heldout"])]
     coverage = {m: tuple(c for c in columns if c in row and c != AVERAGE) for m, row in table.items()}
     if len(set(coverage.values())) > 1:
         parts += ["", ("Note: models were scored on different eval sets; each Average covers only "
@@ -145,28 +165,31 @@ def merge_results(run_dirs: list[str | Path]) -> dict:
     name clash between different models, or the same set twice, is told apart as `name [run]`.
     Average is recomputed over each row's sets.
     """
-    merged: dict[str, Any] = {"scores": {}, "models": {}, "fidelity": {}, "protocols": [],
-                              "runs": [str(Path(r)) for r in run_dirs]}
+    merged: dict[str, Any] = {"scores": {}, "models": {}, "fidelity": {}, "heldout": {},
+                              "protocols": [], "runs": [str(Path(r)) for r in run_dirs]}
     for run_dir in run_dirs:
         res = load_results(run_dir)
         if res.get("protocol") and res["protocol"] not in merged["protocols"]:
             merged["protocols"].append(res["protocol"])
-        for model, sets in res["scores"].items():
-            info = res["models"].get(model, {})
+        for model, info in res["models"].items():
+            sets = res["scores"].get(model, {})
             key = model
             prev = merged["models"].get(key)
             proto = {k: v for k, v in (res.get("protocol") or {}).items() if k != "seeds"}
             clash = prev is not None and (
                 prev.get("fingerprint", {}).get("sha256") != info.get("fingerprint", {}).get("sha256")
                 or prev.get("protocol") != proto  # greedy and sampled cells never share a row
-                or any(s in merged["scores"][key] for s in sets if s != AVERAGE))
+                or any(s in merged["scores"].get(key, {}) for s in sets if s != AVERAGE))
             if clash:
                 key = f"{model} [{Path(run_dir).name}]"
             merged["models"].setdefault(key, {**info, "protocol": proto, "run": str(run_dir)})
-            row = merged["scores"].setdefault(key, {})
-            row.update({s: c for s, c in sets.items() if s != AVERAGE})
+            if sets:  # a --no-generate eval has no text scores
+                row = merged["scores"].setdefault(key, {})
+                row.update({s: c for s, c in sets.items() if s != AVERAGE})
             if res.get("fidelity", {}) and model in res["fidelity"]:
                 merged["fidelity"][key] = res["fidelity"][model]
+            if model in (res.get("heldout") or {}):
+                merged["heldout"].setdefault(key, {}).update(res["heldout"][model])
     for row in merged["scores"].values():
         cells = [c for s, c in row.items() if s != AVERAGE]
         if len(cells) > 1:
@@ -175,13 +198,25 @@ def merge_results(run_dirs: list[str | Path]) -> dict:
     return merged
 
 
-def report(run_dirs: list[str | Path], out: str | Path) -> Path:
+def check_templates(merged: dict) -> None:
+    """Models trained (by `dskd distill`) on different prompt templates are not comparable."""
+    trained = {m: i["train_template"] for m, i in merged["models"].items() if i.get("train_template")}
+    if len(set(trained.values())) > 1:
+        raise ReportError("the models were trained on different prompt templates ("
+                          + ", ".join(f"{m}: {t}" for m, t in trained.items()) + "), so side by "
+                          "side they are not comparable; retrain with one --template, or pass "
+                          "--allow-mixed-templates")
+
+
+def report(run_dirs: list[str | Path], out: str | Path, allow_mixed_templates: bool = False) -> Path:
     """Merge eval outputs into OUT/report.md, OUT/results.json and OUT/rouge_l.png."""
     if not run_dirs:
         raise ReportError("give at least one eval output dir to report on")
     if not str(out):
         raise ReportError("--out is required: the directory for the merged report")
     merged = merge_results(list(run_dirs))
+    if not allow_mixed_templates:
+        check_templates(merged)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / RESULTS_FILE, json.dumps(merged, indent=2) + "\n")
@@ -190,6 +225,6 @@ def report(run_dirs: list[str | Path], out: str | Path) -> Path:
 
 
 def run(cfg: ReportConfig) -> Path:
-    path = report(cfg.run_dirs, cfg.out)
+    path = report(cfg.run_dirs, cfg.out, cfg.allow_mixed_templates)
     save_config(cfg, cfg.out)
     return path

@@ -55,3 +55,61 @@ def test_flags_override_config_file_and_config_yaml_reruns(tmp_path):
 def test_real_stage_commands_have_config_option():
     r = CliRunner().invoke(app, ["cache-teacher", "--help"])
     assert r.exit_code == 0
+
+
+# --------------------------------------------------------------------------- help at 80 columns
+
+
+def _leaf_commands(group, path=()):
+    """(path, click command) for every runnable command of the real app, sub-groups included."""
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a group (typer's own click or the click package's)
+            yield from _leaf_commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def _help_at_80(path) -> str:
+    r = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def test_help_at_80_columns_shows_every_flag_name_whole():
+    import re
+
+    commands = list(_leaf_commands(typer.main.get_command(app)))
+    assert {p[-1] for p, _ in commands} >= {"cache-teacher", "distill", "eval", "report",
+                                            "quickstart", "inspect", "verify"}
+    for path, cmd in commands:
+        text = _help_at_80(path)
+        assert max(len(line) for line in text.splitlines()) <= 80, (path, text)
+        names = [n for p in cmd.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")]
+        for n in names:  # whole: not followed by more name characters or an ellipsis
+            assert re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-]|…)", text), (path, n, text)
+
+
+def test_help_shows_every_default():
+    """Every config field with a default (scalars, choices, lists, switches) shows it, in the
+    help entry of its own flag."""
+    import dataclasses
+    import importlib
+    import re
+
+    from dskd.cli import STAGES, _shown_default
+
+    group = typer.main.get_command(app)
+    for command, (module, cls_name, _) in STAGES.items():
+        cls = getattr(importlib.import_module(module), cls_name)
+        text = re.sub(r"\s+", "", _help_at_80((command,)))  # undo the wrapping
+        cmd = group.commands[command]
+        ctx = cmd.context_class(cmd, info_name=command)
+        params = {p.name: p for p in cmd.params}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = _shown_default(default)
+            if shown is None or f.metadata.get("positional"):
+                continue
+            names, help_text = params[f.name].get_help_record(ctx)
+            assert help_text.endswith(f"[default: {shown}]"), (command, names, help_text)
+            assert re.sub(r"\s+", "", names + help_text) in text, (command, names)

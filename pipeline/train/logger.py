@@ -1,4 +1,5 @@
-"""Run logs: `metrics.jsonl` (one JSON object per line), TensorBoard if installed, a rich bar.
+"""Run logs: `metrics.jsonl` (one JSON object per line), TensorBoard if installed, a rich bar
+(plain periodic lines when stderr is not a terminal).
 
 Only rank 0 logs. On resume the log is cut back to the checkpoint's step, so a killed-and-resumed
 run's `metrics.jsonl` reads like an uninterrupted one (no steps logged twice).
@@ -6,11 +7,14 @@ run's `metrics.jsonl` reads like an uninterrupted one (no steps logged twice).
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rich.progress import (
     BarColumn,
@@ -92,8 +96,75 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def train_progress(enabled: bool) -> Progress:
-    """A rich bar showing step, loss, tokens/s and ETA (fields `loss` and `tps` set per update)."""
+def is_terminal() -> bool:
+    """Whether stderr (where progress goes) is a terminal; a log file or pipe gets plain lines."""
+    return sys.stderr.isatty()
+
+
+def quiet_progress_bars() -> None:
+    """Turn off third-party progress bars (transformers' "Loading weights", "Writing model
+    shards", hub downloads, datasets): in a log file each frame would be a line."""
+    # read when those libraries are imported (here or in a subprocess) ...
+    os.environ.update(HF_HUB_DISABLE_PROGRESS_BARS="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+                      TQDM_DISABLE="1")
+    # ... and for the ones already imported
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+
+
+class PlainProgress:
+    """The distill bar's interface, printed as one line per logged step when not on a terminal:
+    `step 20/400 · loss 1.2345 · 1,234 tok/s · ETA 0:03:10`."""
+
+    def __init__(self, enabled: bool = True, stream: Any = None):
+        self.enabled = enabled
+        self.stream = stream
+        self._tasks: dict[int, dict[str, Any]] = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: int | None = None, completed: int = 0,
+                 **fields: Any) -> int:
+        tid = len(self._tasks)
+        self._tasks[tid] = {"description": description, "total": total, "start": completed,
+                            "t0": time.perf_counter()}
+        return tid
+
+    def update(self, task_id: int, completed: int | None = None, loss: float | None = None,
+               tps: float | None = None, **_: Any) -> None:
+        """A line only when a loss comes with the update (the logged steps)."""
+        if not self.enabled or loss is None or completed is None:
+            return
+        t = self._tasks[task_id]
+        done = completed - t["start"]
+        eta = "?"
+        if t["total"] and done > 0:
+            left = (time.perf_counter() - t["t0"]) / done * (t["total"] - completed)
+            eta = str(datetime.timedelta(seconds=round(max(left, 0.0))))
+        line = (f"step {completed}/{t['total'] or '?'} · loss {loss:.4f} · {tps or 0:,.0f} tok/s"
+                f" · ETA {eta}")
+        print(line, file=self.stream or sys.stderr, flush=True)
+
+
+def train_progress(enabled: bool, terminal: bool | None = None) -> Progress | PlainProgress:
+    """A rich bar showing step, loss, tokens/s and ETA (fields `loss` and `tps` set per update);
+    plain periodic lines instead when stderr is not a terminal."""
+    if not (is_terminal() if terminal is None else terminal):
+        return PlainProgress(enabled)
     return Progress(
         TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),

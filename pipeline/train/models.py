@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..generate import check_model_dir, load_tokenizer  # noqa: F401 - re-exported
 
@@ -27,14 +27,23 @@ class LoraOptions:
 
 
 def load_student(model_dir: str | Path, tokenizer: Any, *, weights_dir: str | Path | None = None,
-                 lora: LoraOptions | None = None, adapter_dir: str | Path | None = None) -> nn.Module:
+                 lora: LoraOptions | None = None, adapter_dir: str | Path | None = None,
+                 init_seed: int | None = None) -> nn.Module:
     """HF causal LM in train mode, fp32 master weights (autocast handles bf16 on GPU).
 
     `weights_dir` loads the weights of a checkpoint instead of `model_dir` (full fine-tuning);
     with LoRA the base always comes from `model_dir` and `adapter_dir` holds the trained adapter.
+    `init_seed` builds the `model_dir` model from its config.json with fresh weights instead of
+    its saved ones (a LoRA base too: the same seed gives the same base on resume).
     """
     src = weights_dir if (weights_dir is not None and lora is None) else model_dir
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+    if init_seed is not None and (weights_dir is None or lora is not None):
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with torch.random.fork_rng(devices=[]):  # the run's own RNG stream is left as it was
+            torch.manual_seed(init_seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))  # an EOS token was added to the tokenizer
     model.config.eos_token_id = tokenizer.eos_token_id

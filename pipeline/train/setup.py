@@ -48,6 +48,7 @@ class RunInputs:
     manifest: dict[str, Any] | None = None
     valid_manifest: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    template_from: str = "default"  # where the template came from, said at start
 
 
 def check_config(cfg: Any) -> RunInputs:
@@ -70,7 +71,7 @@ def check_config(cfg: Any) -> RunInputs:
         errs.append("no training data: give --cache DIR or --data FILE")
     if cfg.teacher and not (Path(cfg.teacher) / "config.json").is_file():
         errs.append(f"--teacher {cfg.teacher}: no config.json there; pass a HF model directory")
-    if cfg.valid_cache and not cfg.cache:
+    if cfg.valid_cache and not cfg.cache and cfg.method != "sft":
         errs.append("--valid-cache needs --cache (its teacher signal must match the training one)")
     if cfg.eval_rouge and not cfg.valid_data:
         errs.append("--eval-rouge generates on --valid-data; give it")
@@ -89,6 +90,13 @@ def check_config(cfg: Any) -> RunInputs:
         errs.append(f"--limit {cfg.limit}: must be ≥ 1")
     if cfg.num_workers < 0:
         errs.append(f"--num-workers {cfg.num_workers}: must be ≥ 0")
+    if not 0.0 <= cfg.kd_rate <= 1.0:
+        errs.append(f"--kd-rate {cfg.kd_rate}: must be in [0, 1] (loss = (1-α)·CE + α·KD)")
+    collapse = collapse_reason(cfg.method, cfg.kd_rate)
+    if collapse and not cfg.force:
+        errs.append(collapse + "; use a lower --kd-rate (the paper: 0.5) or pass --force")
+    elif collapse:
+        notes.append("--force: " + collapse)
 
     manifest = valid_manifest = None
     fp: dict[str, Any] = {}
@@ -103,14 +111,24 @@ def check_config(cfg: Any) -> RunInputs:
             fp = manifest["fingerprints"]
         except CacheError as e:
             errs.append(str(e))
+    text_from = f"--cache {cfg.cache}"
+    if cfg.valid_cache and not cfg.cache:  # SFT from --data, validated on a cache: one template
+        try:
+            valid_manifest = load_manifest(cfg.valid_cache)
+            check_shards_present(cfg.valid_cache, valid_manifest)
+            fp, text_from = valid_manifest["fingerprints"], f"--valid-cache {cfg.valid_cache}"
+        except CacheError as e:
+            errs.append(str(e))
     # Text settings: explicit flags must equal the cache's; unset ones inherit them.
     wanted = {"template": cfg.template, "max_prompt_len": cfg.max_prompt_len, "max_len": cfg.max_len}
     diff = fingerprint_diff({k: fp[k] for k in wanted if k in fp and wanted[k] is not None},
                             {k: v for k, v in wanted.items() if v is not None and k in fp})
     if diff:
-        errs.append(f"--cache {cfg.cache} was made for other settings than this run: "
+        errs.append(f"{text_from} was made for other settings than this run: "
                     + "; ".join(diff) + ". Re-cache with these settings or drop the flags")
     template = cfg.template or fp.get("template", DEFAULT_TEMPLATE)
+    template_from = ("--template" if cfg.template else text_from if "template" in fp
+                     else "the default; no cache given")
     max_prompt_len = cfg.max_prompt_len or fp.get("max_prompt_len", DEFAULT_MAX_PROMPT_LEN)
     max_len = cfg.max_len or fp.get("max_len", DEFAULT_MAX_LEN)
     if max_prompt_len >= max_len:
@@ -153,7 +171,19 @@ def check_config(cfg: Any) -> RunInputs:
         mode = "data"
     if cfg.eval_rouge:
         notes.append("best checkpoint = highest validation ROUGE-L (greedy generation)")
-    return RunInputs(mode, template, max_prompt_len, max_len, manifest, valid_manifest, notes)
+    return RunInputs(mode, template, max_prompt_len, max_len, manifest, valid_manifest, notes,
+                     template_from)
+
+
+def collapse_reason(method: str, kd_rate: float) -> str | None:
+    """Why a setting is known to collapse (None if it is not one of them)."""
+    if method in ("dskd", "dskd-cma") and kd_rate >= 1.0:
+        # measured in issue 15's world: held-out CE 2.24 against SFT's 0.95
+        return (f"--method {method} with --kd-rate {kd_rate:g} is known to collapse: it drops the "
+                "student's CE on the data, and its head is then trained only toward t2s_logits, "
+                "which are made with that same head (stop-gradient), so nothing ties it to the "
+                "labels")
+    return None
 
 
 def _dual_space_check(cfg: Any) -> list[str]:
@@ -294,7 +324,7 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
                   "max_len": inp.max_len, "same_length": cfg.method == "uld"}
     cache = cfg.cache if split == "train" else cfg.valid_cache
     data = cfg.data if split == "train" else cfg.valid_data
-    if inp.mode == "cache" and cache:
+    if cache and (inp.mode == "cache" or not with_teacher):  # SFT may validate on a cache
         fields = cache_fields(cfg, loss)
         source = CacheSource(cache, fields, cache_mb=cfg.loader_cache_mb)
         if split == "train" and loss.needs_same_vocab:
