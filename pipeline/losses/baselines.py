@@ -44,7 +44,7 @@ class SFTLoss(DistillLoss):
             z = to_logits(x)
             return stack_terms(token_ce(z, yy), token_hits(z, yy))
 
-        out = map_rows(fn, [rows, y], select=student.mask.reshape(-1),
+        out = map_rows(fn, [rows, y], select=student.selection(),
                        chunk_rows=self.chunk_rows, vocab_size=student.vocab_size)
         return out[:, 0].sum(), None, {"accuracy": out[:, 1].sum().long()}
 
@@ -76,7 +76,7 @@ class VanillaKD(DistillLoss):
             kd = divergence(self.divergence, z, rebuild(tr), self.opts)
             return stack_terms(token_ce(z, yy), kd, token_hits(z, yy))
 
-        sel = None if self.keep_intermediates else student.mask.reshape(-1)
+        sel = None if self.keep_intermediates else student.selection()
         out = map_rows(fn, [rows, y, *t_rows], select=sel, chunk_rows=self.chunk_rows,
                        vocab_size=student.vocab_size)
         mask = student.mask.reshape(-1)

@@ -100,39 +100,41 @@ def map_rows(
     """Apply fn to row-aligned tensors in token chunks; returns fn's (N, …) output for all rows.
 
     rows: tensors whose first dim is N (flattened tokens); None entries are passed through.
-    select: (N,) bool; only selected rows are computed, the others get 0 (saves the prompt
-    rows). fn runs under non-reentrant activation checkpointing when grads are needed, so
-    the backward recomputes one chunk at a time instead of keeping every chunk's
-    temporaries. Chunks are `torch.split` views, so each chunk's input grad is chunk-sized.
+    select: which rows to compute, the others get 0 (saves the prompt rows): an (N,) bool mask,
+    or the int64 indices of the selected rows. The selected rows are gathered once, before
+    chunking, so the chunks need no index of their own: a mask costs one device→host sync
+    (its `nonzero`) per call, indices from the loader (`label_index`) cost none; before, each
+    chunk synced, and again when its checkpoint was recomputed. fn runs under non-reentrant
+    activation checkpointing when grads are needed, so the backward recomputes one chunk at a
+    time instead of keeping every chunk's temporaries. Chunks are `torch.split` views, so each
+    chunk's input grad is chunk-sized.
     """
+    if select is not None:
+        idx = select_index(select)
+        sub = [r.index_select(0, idx) if r is not None else None for r in rows]
+        out = map_rows(fn, sub, chunk_rows=chunk_rows, vocab_size=vocab_size)
+        n = next(r for r in rows if r is not None).shape[0]
+        return out.new_zeros((n, *out.shape[1:])).index_copy(0, idx, out)
     present = [r for r in rows if r is not None]
     n = present[0].shape[0]
     chunk = chunk_rows or chunk_rows_for(vocab_size)
     need_grad = torch.is_grad_enabled() and any(r.requires_grad for r in present)
     splits = [r.split(chunk) if r is not None else None for r in rows]
-    sel_splits = select.split(chunk) if select is not None else None
     outs = []
     for i in range((n + chunk - 1) // chunk):
         args = [s[i] if s is not None else None for s in splits]
-        sel = sel_splits[i] if sel_splits is not None else None
-        run = _selected(fn, sel)
-        out = checkpoint(run, *args, use_reentrant=False) if need_grad else run(*args)
+        out = checkpoint(fn, *args, use_reentrant=False) if need_grad else fn(*args)
         outs.append(out)
+    if not outs:  # nothing selected: fn's output width is unknown without running it once
+        return fn(*[r[:0] if r is not None else None for r in rows])
     return torch.cat(outs, 0)
 
 
-def _selected(fn: Callable[..., Tensor], sel: Tensor | None) -> Callable[..., Tensor]:
-    if sel is None:
-        return fn
-
-    def run(*args: Tensor | None) -> Tensor:
-        idx = sel.nonzero().squeeze(1)
-        sub = [a.index_select(0, idx) if a is not None else None for a in args]
-        out = fn(*sub)
-        full = out.new_zeros((sel.shape[0], *out.shape[1:]))
-        return full.index_copy(0, idx, out)
-
-    return run
+def select_index(select: Tensor) -> Tensor:
+    """(n_selected,) int64 row indices from a bool mask (one sync) or from indices (none)."""
+    if select.dtype == torch.bool:
+        return select.nonzero().squeeze(1)
+    return select
 
 
 def softmax_max(logits: Tensor) -> Tensor:

@@ -142,7 +142,8 @@ class DualSpaceLoss(DistillLoss):
         y = student.labels.reshape(-1)
         yt = y if t2s_labels is None else t2s_labels.reshape(-1)
         h = t2s_h.reshape(-1, t2s_h.shape[-1])
-        sel = None if self.keep_intermediates else y.ne(-100) | yt.ne(-100)
+        sel = None if self.keep_intermediates else (
+            student.selection() if t2s_labels is None else y.ne(-100) | yt.ne(-100))
         out = map_rows(fn, [rows, h, y, yt], select=sel, chunk_rows=self.chunk_rows,
                        vocab_size=student.vocab_size)
         if self.keep_intermediates:
@@ -167,7 +168,7 @@ class DualSpaceLoss(DistillLoss):
 
         y = teacher.labels.reshape(-1)
         h = s2t_h.reshape(-1, s2t_h.shape[-1])
-        sel = None if self.keep_intermediates else y.ne(-100)
+        sel = None if self.keep_intermediates else teacher.selection()
         out = map_rows(fn, [h, y, *t_rows], select=sel, chunk_rows=self.chunk_rows,
                        vocab_size=w_t.shape[0])
         if self.keep_intermediates:

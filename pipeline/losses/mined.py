@@ -323,6 +323,32 @@ def align_rows(
     return out
 
 
+@dataclass
+class MinEDAligner:
+    """Aligns a collated micro-batch; picklable, so it runs in the DataLoader workers (the
+    DTW and its backtrack are Python per sample: off the training thread, overlapped with it)."""
+
+    s_tok: list[bytes]  # bytes of every student id
+    t_tok: list[bytes]  # bytes of every teacher id
+    tea2stu: np.ndarray  # (V_t,) student id of each teacher id
+
+    def __call__(self, s_ids: Tensor, s_labels: Tensor, t_ids: Tensor, t_labels: Tensor) -> Tensor:
+        """(B*T_s,) flat teacher row (b * T_t + t) aligned with each student row; -1 = one-hot
+        target. Inputs are the collated (B, T_s) / (B, T_t) CPU tensors."""
+        b, t_s = s_ids.shape
+        t_t = t_ids.shape[1]
+        out = torch.full((b, t_s), -1, dtype=torch.long)
+        for i in range(b):
+            s_rows = torch.nonzero(s_labels[i].ne(-100)).squeeze(1).tolist()
+            t_rows = torch.nonzero(t_labels[i].ne(-100)).squeeze(1).tolist()
+            al = align_rows(s_ids[i, s_rows].tolist(), t_ids[i, t_rows].tolist(),
+                            self.s_tok, self.t_tok, self.tea2stu)
+            for k, j in zip(s_rows, al):
+                if j >= 0:
+                    out[i, k] = i * t_t + t_rows[j]
+        return out.reshape(-1)
+
+
 # ---------------------------------------------------------------------------------------------
 # the loss
 
@@ -341,26 +367,18 @@ class MinEDLoss(DistillLoss):
         self.opts = opts or DivergenceOptions(temperature=2.0)
         self.teacher_target = teacher_target
         self.vocab_map = build_vocab_map(student_tokenizer, teacher_tokenizer, stu2tea)
-        self._s_tok, _ = token_bytes(student_tokenizer)
-        self._t_tok, _ = token_bytes(teacher_tokenizer)
-        self._t2s_np = self.vocab_map.tea2stu.numpy()
+        self.mined_aligner = MinEDAligner(token_bytes(student_tokenizer)[0],
+                                    token_bytes(teacher_tokenizer)[0], self.vocab_map.tea2stu.numpy())
 
     def partners(self, student: StudentBatch, teacher: TeacherSignal) -> Tensor:
-        """(B*T_s,) flat teacher row aligned with each student row; -1 = one-hot target."""
+        """(B*T_s,) flat teacher row aligned with each student row; -1 = one-hot target.
+        The loader computes them in its workers (`aligned_rows`); else they are computed here."""
+        if student.aligned_rows is not None:
+            return student.aligned_rows
         s_ids = _need(student.input_ids, "student.input_ids")
         t_ids = _need(teacher.input_ids, "teacher.input_ids")
-        b, t_s = s_ids.shape
-        t_t = t_ids.shape[1]
-        out = torch.full((b, t_s), -1, dtype=torch.long)
-        for i in range(b):
-            s_rows = torch.nonzero(student.labels[i].ne(-100)).squeeze(1).tolist()
-            t_rows = torch.nonzero(teacher.labels[i].ne(-100)).squeeze(1).tolist()
-            al = align_rows(s_ids[i, s_rows].tolist(), t_ids[i, t_rows].tolist(),
-                            self._s_tok, self._t_tok, self._t2s_np)
-            for k, j in zip(s_rows, al):
-                if j >= 0:
-                    out[i, k] = i * t_t + t_rows[j]
-        return out.reshape(-1).to(student.labels.device)
+        part = self.mined_aligner(s_ids.cpu(), student.labels.cpu(), t_ids.cpu(), teacher.labels.cpu())
+        return part.to(student.labels.device)
 
     def compute(self, student: StudentBatch, teacher: TeacherSignal | None):
         rows, to_logits = student.logit_rows()
@@ -379,7 +397,7 @@ class MinEDLoss(DistillLoss):
             return stack_terms(token_ce(z, yy), kd, token_hits(z, yy))
 
         mask = student.mask.reshape(-1)
-        out = map_rows(fn, [rows, y, part], select=mask, chunk_rows=self.chunk_rows,
+        out = map_rows(fn, [rows, y, part], select=student.selection(), chunk_rows=self.chunk_rows,
                        vocab_size=max(v_s, teacher.vocab()))
         terms = {"accuracy": masked_sum(out[:, 2], mask).long(),
                  "aligned_tokens": (part >= 0).sum()}

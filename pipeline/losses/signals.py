@@ -25,10 +25,16 @@ class StudentBatch:
     lm_head_bias: Tensor | None = None  # (V_s,)
     input_ids: Tensor | None = None  # (B, T_s): CMA queries, MinED alignment
     embed_weight: Tensor | None = None  # (V_s, D_s) input embeddings: CMA queries
+    label_index: Tensor | None = None  # (n,) flat rows with a label, from the loader (no sync)
+    aligned_rows: Tensor | None = None  # (B*T_s,) MinED teacher partner rows, from the loader
 
     @property
     def mask(self) -> Tensor:
         return label_mask(self.labels)
+
+    def selection(self) -> Tensor:
+        """The labelled rows for `map_rows(select=...)`: the loader's indices if it sent them."""
+        return self.label_index if self.label_index is not None else self.mask.reshape(-1)
 
     @property
     def vocab_size(self) -> int:
@@ -68,10 +74,15 @@ class TeacherSignal:
     sampled_ids: Tensor | None = None  # (B, T_t, W) distinct ids drawn from the teacher
     sampled_counts: Tensor | None = None  # (B, T_t, W) their counts (0 = padding)
     sample_temperature: float | None = None  # temperature of the draws (cache layout)
+    label_index: Tensor | None = None  # (n,) flat rows with a label, from the loader (no sync)
 
     @property
     def mask(self) -> Tensor:
         return label_mask(self.labels)
+
+    def selection(self) -> Tensor:
+        """The labelled rows for `map_rows(select=...)`: the loader's indices if it sent them."""
+        return self.label_index if self.label_index is not None else self.mask.reshape(-1)
 
     @property
     def has_dense(self) -> bool:

@@ -19,7 +19,8 @@ IGNORE_INDEX = -100
 def collate_tokens(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int,
                    *, pad_to: int | None = None,
                    masked: Sequence[bool] | None = None) -> dict[str, torch.Tensor]:
-    """input_ids, labels, attention_mask, position_ids, each (B, T) with T = max(len(s)) - 1.
+    """input_ids, labels, attention_mask, position_ids, each (B, T) with T = max(len(s)) - 1,
+    and label_index (n,): the flat positions b * T + t that carry a label.
 
     `pad_to` forces a (larger) T, as ULD needs student and teacher padded to one length.
     `masked[b]` sets every label of row b to -100 (a padding row that must not count).
@@ -43,7 +44,11 @@ def collate_tokens(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], pa
         if masked is None or not masked[b]:
             labels[b, :n] = s_t[1:]
             labels[b, : max(0, p - 1)] = IGNORE_INDEX
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attn, "position_ids": pos}
+    # The labelled rows as flat indices, found here on the CPU so the loss needs no device→host
+    # sync to select them (common.map_rows).
+    label_index = labels.reshape(-1).ne(IGNORE_INDEX).nonzero().squeeze(1)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attn, "position_ids": pos,
+            "label_index": label_index}
 
 
 def pad_rows(rows: Sequence[np.ndarray | torch.Tensor], T: int, fill: float = 0.0,

@@ -36,7 +36,9 @@ class Distiller(nn.Module):
         inputs = {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
                       "position_ids": t["position_ids"], "use_cache": False}
         head = model.get_output_embeddings()
-        sb = StudentBatch(labels=t["labels"], input_ids=t["input_ids"])
+        # label_index / aligned_rows come precomputed from the loader workers (see sources.py)
+        sb = StudentBatch(labels=t["labels"], input_ids=t["input_ids"],
+                          label_index=t.get("label_index"), aligned_rows=t.get("aligned_rows"))
         if self.lazy_logits:
             sb.hidden = model.get_decoder()(**inputs).last_hidden_state  # (B, T_s, D_s)
             sb.lm_head_weight = head.weight

@@ -321,7 +321,8 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
     override or None), or None when there is no validation set."""
     with_teacher = cfg.method != "sft"
     common = {"student_tokenizer": student_tok, "max_prompt_len": inp.max_prompt_len,
-                  "max_len": inp.max_len, "same_length": cfg.method == "uld"}
+                  "max_len": inp.max_len, "same_length": cfg.method == "uld",
+                  "mined_aligner": getattr(loss, "mined_aligner", None) if with_teacher else None}
     cache = cfg.cache if split == "train" else cfg.valid_cache
     data = cfg.data if split == "train" else cfg.valid_data
     if cache and (inp.mode == "cache" or not with_teacher):  # SFT may validate on a cache

@@ -114,7 +114,7 @@ def build_signal(t: dict[str, Tensor], head: TeacherHead, *, mode: str, needs_hi
     """TeacherSignal for one micro-batch (tensors already on the device)."""
     hidden = t.get("teacher_hidden")
     sig = TeacherSignal(labels=t["teacher_labels"], input_ids=t["teacher_input_ids"],
-                        vocab_size=head.vocab_size,
+                        vocab_size=head.vocab_size, label_index=t.get("teacher_label_index"),
                         embed_weight=head.embed if needs_embed else None)
     if "align_teacher" in t:  # dskd-eta: pairs made by the batch builder
         sig.alignment = (t["align_teacher"], t["align_student"])

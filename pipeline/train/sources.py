@@ -205,6 +205,7 @@ class BatchBuilder:
     same_length: bool = False  # ULD: student and teacher padded to one length
     with_teacher: bool = True
     aligner: Any = None  # dskd-eta: token_align.Aligner → align_teacher / align_student (B, K)
+    mined_aligner: Any = None  # MinED: (s_ids, s_labels, t_ids, t_labels) -> aligned teacher rows
 
     def __call__(self, rows: list[Any], padding: bool) -> tuple[list[str], dict[str, Any]]:
         student = [self._student(r) for r in rows]
@@ -227,6 +228,9 @@ class BatchBuilder:
                 # padding rows are masked by the labels; id 0 keeps any gather in range
                 out[f"teacher_{name}"] = pad_rows([getattr(r, name) for r in rows], T_t, 0,
                                                   dtype=torch.long if name.endswith("_ids") else None)
+            if self.mined_aligner is not None:  # MinED's DTW here, in the worker, not the loop
+                out["aligned_rows"] = self.mined_aligner(out["input_ids"], out["labels"],
+                                                         out["teacher_input_ids"], out["teacher_labels"])
         return [s.example_id for s in student], out
 
     def _student(self, row: Any) -> TokenizedExample:

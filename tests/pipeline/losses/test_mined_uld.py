@@ -187,3 +187,38 @@ def test_uld_real_segmentation_gpt2_vs_qwen2(toks):
     ref = _naive_uld(zp, ztp, torch.nn.functional.pad(s_lab2, (0, n - s_lab2.shape[1]), value=-100),
                      torch.nn.functional.pad(t_lab2, (0, n - t_lab2.shape[1]), value=-100))
     torch.testing.assert_close(out.terms["uld_loss"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_mined_alignment_from_the_loader_equals_the_inline_one(toks):
+    """The loader workers' BatchBuilder computes MinED's partners (DTW + backtrack) in collate;
+    the loss then skips its own alignment and gives the same terms and gradients."""
+    from dskd.pipeline.data import Example
+    from dskd.pipeline.train.sources import BatchBuilder
+
+    import copy
+
+    st_, te_ = copy.deepcopy(toks["gpt2"]), toks["mistral"]
+    st_.pad_token = st_.eos_token  # GPT-2 has none; the distill stage sets it the same way
+    rows = [Example("a", PROMPT, RESPONSE, (), 0), Example("b", "Say hi:", " Hello there, friend.", (), 1)]
+    loss = build_loss("mined", "fkl", student_tokenizer=st_, teacher_tokenizer=te_)
+    kw = {"student_tokenizer": st_, "max_prompt_len": 64, "max_len": 128, "teacher_tokenizer": te_,
+          "teacher_pad_id": te_.eos_token_id}
+    _, plain = BatchBuilder(**kw)(rows, False)
+    _, t = BatchBuilder(**kw, mined_aligner=loss.mined_aligner)(rows, False)
+    assert "aligned_rows" not in plain and int((t["aligned_rows"] >= 0).sum()) > 0
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*t["input_ids"].shape, len(st_), generator=g).requires_grad_()
+    zt = torch.randn(*t["teacher_input_ids"].shape, len(te_), generator=g)
+    outs, grads = [], []
+    for aligned in (None, t["aligned_rows"]):
+        loss.keep_intermediates = True
+        out = loss(StudentBatch(labels=t["labels"], logits=z, input_ids=t["input_ids"],
+                                aligned_rows=aligned),
+                   TeacherSignal(labels=t["teacher_labels"], logits=zt,
+                                 input_ids=t["teacher_input_ids"]))
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.loss, z)[0])
+    assert torch.equal(outs[0].intermediates["partners"], outs[1].intermediates["partners"])
+    for k in outs[0].terms:
+        torch.testing.assert_close(outs[0].terms[k], outs[1].terms[k], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
