@@ -136,6 +136,10 @@ class _Shard:
         if self.sampled:  # ragged: a row's entries start at the running sum of sampled_n
             names |= {"sampled_n", "sampled_ids", "sampled_counts"}
         self.arrays = {n: open_array(path / n, use_mmap) for n in sorted(names)}
+        # bytes of one token row over the arrays read (for the reader's byte count)
+        self.row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
+                             for a in self.arrays.values())
+        self.mapped = all(isinstance(a, np.memmap) or a.shape[0] == 0 for a in self.arrays.values())
         self.token_offsets = np.asarray(open_array(path / TOKEN_OFFSETS, use_mmap)[:])
         if self.sampled:
             n = np.asarray(self.arrays["sampled_n"][:], dtype=np.int64)
@@ -213,6 +217,10 @@ class CacheReader:
         # flipped bit. One sequential CRC-32C pass per shard, next to the reads it does anyway.
         self._verify = verify_checksums
         self._verified: set[int] = set()
+        # Bytes of per-token arrays this reader has sliced, and bytes it has checksummed:
+        # what the loader benchmark adds up per epoch (Arrow example columns are not counted).
+        self.bytes_read = 0
+        self.bytes_verified = 0
         self.manifest = load_manifest(self.path)
         if not self.manifest["complete"] and not allow_incomplete:
             lay = self.manifest["layout"]
@@ -310,7 +318,15 @@ class CacheReader:
         sh = self._shard(shard)
         if not 0 <= rows.start <= rows.stop <= len(sh):
             raise CacheError(f"{self.path}: shard {shard} has {len(sh)} rows, asked for {rows}")
+        if rows.stop > rows.start:
+            tokens = int(sh.token_offsets[rows.stop]) - int(sh.token_offsets[rows.start])
+            self.bytes_read += tokens * sh.row_bytes
         return sh.examples(rows, self.fields, shard)
+
+    def is_mapped(self, shard: int) -> bool:
+        """True when the shard's per-token arrays are memory-mapped: reading a few rows then
+        costs only their bytes (through zarr, a read costs its whole chunk)."""
+        return self._shard(shard).mapped
 
     def read_block(self, shard: int, row: int, bounds: np.ndarray | None = None
                    ) -> tuple[int, list[CachedExample]]:
@@ -336,7 +352,7 @@ class CacheReader:
             raise CacheError(f"{self.path}: shard {index} is not committed in the manifest")
         rec = self._by_index[index]
         if self._verify and index not in self._verified:
-            verify_shard_files(self.path, rec)
+            self.bytes_verified += verify_shard_files(self.path, rec)
             self._verified.add(index)
         sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout, self.fields,
                     self._use_mmap)
@@ -346,9 +362,11 @@ class CacheReader:
         return sh
 
 
-def verify_shard_files(cache_dir: Path, record: dict[str, Any]) -> None:
-    """Every file of a committed shard has its recorded size and checksum, or CacheError names it."""
+def verify_shard_files(cache_dir: Path, record: dict[str, Any]) -> int:
+    """Every file of a committed shard has its recorded size and checksum, or CacheError names
+    it. Returns the bytes checksummed."""
     d = Path(cache_dir) / SHARDS_DIR / record["name"]
+    hashed = 0
     for rel, info in (record.get("files") or {}).items():
         f = d / rel
         problem = None
@@ -356,12 +374,15 @@ def verify_shard_files(cache_dir: Path, record: dict[str, Any]) -> None:
             problem = "is missing"
         elif f.stat().st_size != info["bytes"]:
             problem = f"has {f.stat().st_size} bytes, the manifest says {info['bytes']}"
-        elif hash_file(f) != info[CHECKSUM]:
-            problem = "fails its checksum (the bytes changed after the shard was committed)"
+        else:
+            hashed += info["bytes"]
+            if hash_file(f) != info[CHECKSUM]:
+                problem = "fails its checksum (the bytes changed after the shard was committed)"
         if problem:
             raise CacheError(f"{cache_dir}: shard {record['name']} is corrupt: {rel} {problem}. "
                              f"Run `dskd cache verify --repair {cache_dir}`, then rerun the same "
                              "`dskd cache-teacher` command: it rewrites only the bad shards.")
+    return hashed
 
 
 def open_cache(path: str | Path, fields: Collection[str] | None = None) -> CacheReader:

@@ -59,6 +59,12 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 1800) -> DistEn
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
+def local_share() -> tuple[int, int]:
+    """(this process's index among the processes of its node, their number), from torchrun's
+    LOCAL_RANK / LOCAL_WORLD_SIZE: how per-node work (checksumming a cache) is split."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

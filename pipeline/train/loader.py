@@ -133,24 +133,37 @@ class MicroBatch:
 
 
 class RankStream(IterableDataset):
-    """This rank's micro-batches of one epoch from `start`, split over DataLoader workers."""
+    """This rank's micro-batches from (epoch, start) on, epoch after epoch, split over workers.
+
+    One iterator serves the whole run, so DataLoader workers are forked once: each keeps its
+    open shards, decoded blocks and tokenizer state across epochs instead of rebuilding them
+    every epoch. Worker w takes the k-th micro-batch of the stream (counted from the start,
+    across epoch boundaries) when k ≡ w (mod num_workers): the round-robin order in which
+    DataLoader collects them, whatever the number of micro-batches per epoch.
+    """
 
     def __init__(self, source: RowSource, plan: PlanConfig, rank: int,
                  build: Callable[[list[Any], bool], tuple[list[str], dict[str, Any]]],
-                 epoch: int = 0, start: int = 0, lengths: np.ndarray | None = None):
+                 epoch: int = 0, start: int = 0, lengths: np.ndarray | None = None,
+                 epochs: int | None = None):
         self.source, self.plan, self.rank, self.build = source, plan, rank, build
         self.epoch, self.start, self.lengths = epoch, start, lengths
+        self.epochs = epochs  # epochs to stream (None: until the consumer stops)
 
     def __iter__(self) -> Iterator[MicroBatch]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        for m, rows in global_micro_batches(self.source.num_rows, self.plan, self.epoch,
-                                            self.start, self.lengths):
-            if (m - self.start) % nw != wid:
-                continue
-            mine, padding = rank_slice(rows, self.rank, self.plan.world_size)
-            ids, tensors = self.build(self.source.fetch(mine), padding)
-            yield MicroBatch(self.epoch, m, ids, padding, tensors)
+        k, epoch, start = 0, self.epoch, self.start
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            for m, rows in global_micro_batches(self.source.num_rows, self.plan, epoch, start,
+                                                self.lengths):
+                k += 1
+                if (k - 1) % nw != wid:
+                    continue
+                mine, padding = rank_slice(rows, self.rank, self.plan.world_size)
+                ids, tensors = self.build(self.source.fetch(mine), padding)
+                yield MicroBatch(epoch, m, ids, padding, tensors)
+            epoch, start = epoch + 1, 0
 
 
 def _identity(batch: MicroBatch) -> MicroBatch:
@@ -205,11 +218,13 @@ class BatchStream:
                  "rows": rank_rows(self.plan, self.rank)} for w in range(nw)]
 
     def _loader(self) -> DataLoader:
+        """One DataLoader for the rest of the run (its stream crosses epochs): workers are
+        forked once, not once per epoch."""
         ds = RankStream(self.source, self.plan, self.rank, self.build, self.epoch, self.micro,
                         self.lengths)
         kw: dict[str, Any] = {}
         if self.num_workers > 0:
-            kw = {"prefetch_factor": self.prefetch, "persistent_workers": False}
+            kw = {"prefetch_factor": self.prefetch}
         # Own generator: DataLoader draws a base seed per iterator, which must not move the
         # global RNG (a resumed run creates its iterator at another point than the original).
         return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
@@ -217,15 +232,17 @@ class BatchStream:
                           generator=torch.Generator(), **kw)
 
     def steps(self) -> Iterator[tuple[int, list[MicroBatch]]]:
-        while True:
-            group: list[MicroBatch] = []
-            for mb in self._loader():
-                group.append(mb)
-                self.micro = mb.index + 1
-                if len(group) == self.grad_accum or self.micro == self.micro_per_epoch(self.epoch):
-                    yield self.epoch, group
-                    group = []
-            self.epoch, self.micro = self.epoch + 1, 0
+        group: list[MicroBatch] = []
+        for mb in self._loader():
+            group.append(mb)
+            self.epoch, self.micro = mb.epoch, mb.index + 1
+            if self.micro == self.micro_per_epoch(self.epoch):
+                yield self.epoch, group
+                group = []
+                self.epoch, self.micro = self.epoch + 1, 0
+            elif len(group) == self.grad_accum:
+                yield self.epoch, group
+                group = []
 
 
 def rank_rows(plan: PlanConfig, rank: int) -> str:

@@ -22,6 +22,7 @@ from ..losses.divergences import SAMPLED_DIVERGENCES
 from ..losses.registry import option_problems, signal_problem
 from ..losses.signals import DistillLoss
 from ..tokenize import TokenizeError, tokenize_example
+from .distributed import barrier, local_share
 from .models import hf_model, load_teacher, load_tokenizer
 from .signal import TeacherHead, cache_head
 from .sources import BatchBuilder, CacheSource, ExampleSource, check_shards_present
@@ -328,6 +329,9 @@ def make_source(cfg: Any, inp: RunInputs, teacher: TeacherSide, student_tok: Any
     if cache and (inp.mode == "cache" or not with_teacher):  # SFT may validate on a cache
         fields = cache_fields(cfg, loss)
         source = CacheSource(cache, fields, cache_mb=cfg.loader_cache_mb)
+        # every shard checksummed once per node (split over its ranks) before any training
+        source.verify_node_share(*local_share())
+        barrier()
         if split == "train" and loss.needs_same_vocab:
             _check_same_vocab(source, student_tok, inp, cfg.method)
         build = BatchBuilder(**common, teacher_pad_id=0, teacher_fields=tuple(fields),

@@ -60,24 +60,34 @@ class CacheSource:
     """A teacher cache addressed by global row (shards concatenated in manifest order).
 
     The reader is opened lazily in each process (DataLoader workers fork the source). Rows of one
-    micro-batch that share a shard are read together, a run of nearby rows at a time, so a Zarr
-    chunk holding several of them is read once (see `_read_rows`).
+    micro-batch that share a shard are read together, a run of consecutive rows at a time.
+    Memory-mapped shards (the writer's layout) are read row by row: every row is used by one
+    worker once per epoch, so an epoch reads each byte once whatever the number of workers.
+    Shards read through zarr go through an LRU of decoded blocks instead (a zarr read costs
+    its whole chunk).
+
+    Checksums: `verify_node_share` checks this process's share of the shards before training
+    (each shard once per node, split over the node's ranks); after it, readers in this process
+    and its DataLoader workers skip the check. Without it each process checks every shard it
+    opens, once.
     """
 
-    def __init__(self, path: str | Path, fields: Sequence[str], cache_mb: int = 256):
-        self.path, self.fields = Path(path), tuple(fields)
+    def __init__(self, path: str | Path, fields: Sequence[str], cache_mb: int = 256,
+                 use_mmap: bool = True):
+        self.path, self.fields, self.use_mmap = Path(path), tuple(fields), use_mmap
         self.cache_bytes = cache_mb << 20
         self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
         self._lru_bytes: dict[tuple[int, int], int] = {}
         self._bounds: dict[int, np.ndarray] = {}
         reader = CacheReader(self.path, fields=self.fields, max_open_shards=MAX_OPEN_SHARDS,
-                             verify_checksums=True)
+                             verify_checksums=True, use_mmap=use_mmap)
         self.manifest = reader.manifest
         self.shards = [(s["index"], s["name"], s["n_examples"]) for s in reader.shards]
         self.starts = np.cumsum([0] + [n for _, _, n in self.shards])
         self.num_rows = int(self.starts[-1])
         self._reader: CacheReader | None = reader
         self._pid = os.getpid()
+        self.node_verified = False
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -90,11 +100,25 @@ class CacheSource:
             # Shards are memory-mapped: each open one keeps the pages it has served mapped
             # (file-backed, reclaimable), so a few open shards bound that part of the memory.
             self._reader = CacheReader(self.path, fields=self.fields,
-                                       max_open_shards=MAX_OPEN_SHARDS, verify_checksums=True)
+                                       max_open_shards=MAX_OPEN_SHARDS, use_mmap=self.use_mmap,
+                                       verify_checksums=not self.node_verified)
             self._pid = os.getpid()
             self._lru.clear()
             self._lru_bytes.clear()
         return self._reader
+
+    def verify_node_share(self, local_rank: int = 0, local_world: int = 1) -> int:
+        """Checksum shards local_rank, local_rank + local_world, … (CacheError names a bad one);
+        returns the bytes checksummed. Call it on every rank of a node, then barrier: the node
+        has then checked every shard once, and no process re-checks (`node_verified`)."""
+        from ..cache.reader import verify_shard_files
+
+        records = {s["index"]: s for s in self.manifest["shards"]}
+        done = sum(verify_shard_files(self.path, records[i])
+                   for i, _, _ in self.shards[local_rank::local_world])
+        self.node_verified = True
+        self._reader = None  # reopen without per-shard checks
+        return done
 
     def locate(self, i: int) -> tuple[int, int]:
         """Global row → (shard list position, row in shard)."""
@@ -121,11 +145,20 @@ class CacheSource:
         return [got[self.locate(i)] for i in indices]
 
     def _read_rows(self, shard_index: int, rows: list[int]) -> list[CachedExample]:
-        """Rows of one shard through an LRU of decoded read blocks (~one Zarr chunk each).
-
-        A shuffle window keeps drawing from the same few blocks for many micro-batches, so most
-        rows come from memory; decoded blocks stay under `cache_mb` whatever the cache size.
+        """Rows (sorted, distinct) of one shard: straight from the mapped files, or, through zarr,
+        via an LRU of decoded read blocks (~one Zarr chunk each): a shuffle window keeps drawing
+        from the same few blocks, so most rows come from memory; decoded blocks stay under
+        `cache_mb` whatever the cache size.
         """
+        reader = self.reader()
+        if reader.is_mapped(shard_index):  # read exactly these rows, a consecutive run at a time
+            out: list[CachedExample] = []
+            lo = 0
+            for j in range(1, len(rows) + 1):
+                if j == len(rows) or rows[j] != rows[j - 1] + 1:
+                    out += reader.read_rows(shard_index, range(rows[lo], rows[j - 1] + 1))
+                    lo = j
+            return out
         out = []
         for r in rows:
             start, block = self._block(shard_index, r)

@@ -1,3 +1,4 @@
+import os
 from collections import Counter
 
 import numpy as np
@@ -138,3 +139,30 @@ def test_token_budget_needs_lengths():
     plan = PlanConfig(batch_size=1, batch_tokens=100)
     with pytest.raises(ValueError, match="lengths"):
         list(global_micro_batches(10, plan, 0))
+
+
+def build_pid(rows, padding):
+    ids, t = build(rows, padding)
+    return ids, t | {"pid": torch.tensor(os.getpid())}
+
+
+def test_workers_are_forked_once_for_the_whole_run():
+    """Two workers serve three epochs of 11 micro-batches each (odd, so the round robin crosses
+    epoch boundaries mid-cycle): the same two processes build every micro-batch, and the steps
+    equal those built in the main process."""
+    n = 21
+    plan = PlanConfig(batch_size=2, seed=3, shuffle_buffer=6, block_size=4)
+
+    def run(workers):
+        stream = BatchStream(ListSource(n), plan, 0, build_pid, grad_accum=2, num_workers=workers)
+        it, out, pids = stream.steps(), [], set()
+        for _ in range(stream.total_steps(3)):
+            epoch, group = next(it)
+            out.append((epoch, [mb.tensors["rows"].tolist() for mb in group]))
+            pids |= {int(mb.tensors["pid"]) for mb in group}
+        return out, pids, stream.position
+
+    ref, main, pos = run(0)
+    got, pids, pos2 = run(2)
+    assert got == ref and pos == pos2 == {"epoch": 2, "micro_batch": 11}
+    assert main == {os.getpid()} and len(pids) == 2 and os.getpid() not in pids

@@ -32,9 +32,67 @@ def test_cache_source_addresses_rows_across_shards(tiny_cache):
 
 
 def test_block_lru_stays_within_its_budget(tiny_cache):
-    src = CacheSource(tiny_cache, ["hidden"], cache_mb=0)  # at most one block kept
+    src = CacheSource(tiny_cache, ["hidden"], cache_mb=0, use_mmap=False)  # zarr reads
     src.fetch(list(range(12)))
-    assert len(src._lru) == 1
+    assert len(src._lru) == 1  # at most one block kept
+    mapped = CacheSource(tiny_cache, ["hidden"], cache_mb=0)
+    mapped.fetch(list(range(12)))
+    assert len(mapped._lru) == 0  # mapped shards are read row by row, nothing kept
+
+
+def test_an_epoch_reads_each_token_row_once(tiny_cache):
+    """Micro-batches drawn in shuffled order read exactly the per-token bytes of the cache."""
+    from dskd.pipeline.train.loader import PlanConfig, global_micro_batches
+
+    fields = ["hidden", "topk_ids", "topk_logprobs"]
+    whole = CacheReader(tiny_cache, fields=fields)
+    for s in whole.shards:
+        whole.read_rows(s["index"], range(s["n_examples"]))
+    src = CacheSource(tiny_cache, fields)
+    plan = PlanConfig(batch_size=2, seed=4, shuffle_buffer=4, block_size=3)
+    for _, rows in global_micro_batches(src.num_rows, plan, 0):
+        src.fetch(rows)
+    assert src.reader().bytes_read == whole.bytes_read > 0
+
+
+def _fetch_build(rows, padding):
+    return [r.example_id for r in rows], {"n": torch.tensor(len(rows))}
+
+
+def test_each_shard_is_checksummed_once_per_node(tiny_cache, tmp_path, monkeypatch):
+    """Two ranks of a node split the checksums; their DataLoader workers, over two epochs,
+    check nothing again. Without the node check, a process checks each shard it opens."""
+    import os
+
+    from dskd.pipeline.cache import reader as reader_mod
+    from dskd.pipeline.train.loader import BatchStream, PlanConfig
+
+    log = tmp_path / "hashed.txt"
+    real = reader_mod.hash_file
+
+    def logged(path):  # forked workers inherit the patch and append to the same file
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {path}\n")
+        return real(path)
+
+    monkeypatch.setattr(reader_mod, "hash_file", logged)
+    ranks = [CacheSource(tiny_cache, ["hidden"]) for _ in range(2)]
+    hashed = [src.verify_node_share(r, 2) for r, src in enumerate(ranks)]
+    files = [line.split()[1] for line in log.read_text().splitlines()]
+    manifest = ranks[0].manifest
+    expected = [str(tiny_cache / "shards" / s["name"] / rel) for s in manifest["shards"]
+                for rel in s["files"]]
+    assert sorted(files) == sorted(expected)  # every file once, no file twice
+    assert sum(hashed) == sum(i["bytes"] for s in manifest["shards"] for i in s["files"].values())
+    plan = PlanConfig(batch_size=2, seed=0, shuffle_buffer=4, block_size=3)
+    stream = BatchStream(ranks[0], plan, 0, _fetch_build, num_workers=2)
+    it = stream.steps()
+    for _ in range(stream.total_steps(2)):
+        next(it)
+    assert len(log.read_text().splitlines()) == len(expected)
+    fallback = CacheSource(tiny_cache, ["hidden"])  # no node check: lazily, once per shard
+    fallback.fetch(list(range(12)) + list(range(12)))
+    assert len(log.read_text().splitlines()) == 2 * len(expected)
 
 
 def test_builder_tokenizes_for_the_student_and_collates_the_teacher(tiny_cache, toy_world):
