@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -194,8 +195,6 @@ def test_mined_alignment_from_the_loader_equals_the_inline_one(toks):
     the loss then skips its own alignment and gives the same terms and gradients."""
     from dskd.pipeline.data import Example
     from dskd.pipeline.train.sources import BatchBuilder
-
-    import copy
 
     st_, te_ = copy.deepcopy(toks["gpt2"]), toks["mistral"]
     st_.pad_token = st_.eos_token  # GPT-2 has none; the distill stage sets it the same way
