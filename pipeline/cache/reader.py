@@ -136,9 +136,11 @@ class _Shard:
         if self.sampled:  # ragged: a row's entries start at the running sum of sampled_n
             names |= {"sampled_n", "sampled_ids", "sampled_counts"}
         self.arrays = {n: open_array(path / n, use_mmap) for n in sorted(names)}
-        # bytes of one token row over the arrays read (for the reader's byte count)
+        # bytes of one token row over the arrays read (for the reader's byte count; the ragged
+        # sampled entries are not counted)
         self.row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
-                             for a in self.arrays.values())
+                             for n, a in self.arrays.items()
+                             if n not in ("sampled_ids", "sampled_counts"))
         self.mapped = all(isinstance(a, np.memmap) or a.shape[0] == 0 for a in self.arrays.values())
         self.token_offsets = np.asarray(open_array(path / TOKEN_OFFSETS, use_mmap)[:])
         if self.sampled:
