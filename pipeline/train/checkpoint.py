@@ -6,7 +6,7 @@ Layout of one checkpoint (``RUN_DIR/checkpoints/step-000120/``)::
     projectors.safetensors   the loss module's parameters (projectors), maybe empty
     optimizer.pt             full (un-sharded) optimizer state, keyed by parameter name
     trainer.json             step, data position, schedule, best metric, config, per-rank positions
-    rng.pt                   RNG states of every rank (python, numpy, torch, cuda)
+    rng.pt                   RNG states of every rank (python, numpy, torch, cuda) as tensors
 
 A checkpoint is written under ``.tmp-step-…`` and renamed into place as a whole, so a directory
 named ``step-N`` is always complete; a crash mid-save leaves only a temp dir, removed next time.
@@ -18,6 +18,7 @@ import errno
 import fcntl
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -134,16 +135,25 @@ def remove_stale_temps(parent: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain numbers only, so a checkpoint loads with
+    torch.load(weights_only=True): no pickled Python objects (numpy's state is an ndarray)."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -230,16 +240,30 @@ def load_checkpoint(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
                               f"{e}); delete it to resume from the one before") from None
     verify_checkpoint(d, trainer.get("files", {}))
     try:
-        return {
-            "trainer": trainer,
-            "projectors": load_file(str(d / "projectors.safetensors")),
-            "optimizer": torch.load(d / "optimizer.pt", map_location="cpu", weights_only=False),
-            "rng": torch.load(d / "rng.pt", map_location="cpu", weights_only=False),
-            "student_dir": d / "student",
-        }
-    except Exception as e:  # noqa: BLE001 - json/pickle/safetensors each raise their own types
-        raise CheckpointError(f"checkpoint {d} is unreadable ({type(e).__name__}: {e}); delete it "
-                              "to resume from the one before") from None
+        projectors = load_file(str(d / "projectors.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own types
+        raise CheckpointError(f"checkpoint {d} is unreadable (projectors.safetensors: "
+                              f"{type(e).__name__}: {e}); delete it to resume from the one before") from None
+    return {"trainer": trainer, "projectors": projectors,
+            "optimizer": _load_tensors(d / "optimizer.pt"), "rng": _load_tensors(d / "rng.pt"),
+            "student_dir": d / "student"}
+
+
+def _load_tensors(path: Path) -> Any:
+    """torch.load with weights_only=True: tensors and plain data only. A file holding any other
+    pickled object (which could run code while loading) is refused, not executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path.parent}: {path.name} holds pickled Python objects, not only tensors "
+            f"and plain data ({first}). dskd never unpickles them on resume, since loading such a "
+            "file can run arbitrary code; a checkpoint written by dskd holds none. Delete this "
+            "checkpoint (or the run) unless you know where it came from") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, bad magic, ...
+        raise CheckpointError(f"checkpoint {path.parent} is unreadable ({path.name}: "
+                              f"{type(e).__name__}: {e}); delete it to resume from the one before") from None
 
 
 # --------------------------------------------------------------------------- retention

@@ -76,3 +76,43 @@ def test_unreadable_checkpoint_is_named(tmp_path):
     (p / "optimizer.pt").write_bytes(b"garbage")
     with pytest.raises(ck.CheckpointError, match="step-00000001"):
         ck.load_checkpoint(p)
+
+
+class _RunsCode:
+    """Unpickling this calls Path.touch(marker): what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("name", ["rng.pt", "optimizer.pt"])
+def test_a_checkpoint_file_with_a_pickled_object_is_refused_not_run(tmp_path, name):
+    """Resuming from someone else's checkpoint must never execute code: the file is refused even
+    when its checksum in trainer.json was updated to match (as an attacker would)."""
+    import json
+
+    p = ck.save_checkpoint(tmp_path, 1, **_parts(1))
+    marker = tmp_path / "pwned"
+    torch.save({"state": _RunsCode(marker)}, p / name)
+    trainer = json.loads((p / ck.TRAINER_FILE).read_text())
+    trainer["files"] = ck._file_sums(p)
+    (p / ck.TRAINER_FILE).write_text(json.dumps(trainer))
+    with pytest.raises(ck.CheckpointError, match=rf"{name} holds pickled Python objects") as e:
+        ck.load_checkpoint(p)
+    assert "step-00000001" in str(e.value)
+    assert not marker.exists()
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    ck.seed_everything(5)
+    np.random.standard_normal()  # numpy caches a Gaussian: that part of the state must survive
+    p = ck.save_checkpoint(tmp_path, 1, **(_parts(1) | {"rng": [ck.rng_state()]}))
+    a = (random.random(), np.random.standard_normal(), torch.rand(1).item())
+    (state,) = ck.load_checkpoint(p)["rng"]
+    ck.set_rng_state(state)
+    assert (random.random(), np.random.standard_normal(), torch.rand(1).item()) == a
