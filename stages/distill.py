@@ -33,7 +33,7 @@ from dskd.pipeline.losses.registry import (
 )
 from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
-from dskd.pipeline.train.distiller import Distiller
+from dskd.pipeline.train.distiller import Distiller, autocast_off
 from dskd.pipeline.train.loader import BatchStream, PlanConfig, to_device
 from dskd.pipeline.train.logger import METRICS_FILE, MetricsLogger, train_progress, truncate_metrics
 from dskd.pipeline.train.models import (
@@ -419,9 +419,15 @@ def loss_options(cfg: DistillConfig) -> dict[str, Any]:
 
 
 def teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig, loss_fn) -> Any:
-    """The micro-batch's TeacherSignal: from the cached rows, or from the live teacher."""
+    """The micro-batch's TeacherSignal: from the cached rows, or from the live teacher. Built
+    with autocast off: the exact signal's hidden @ head must stay float32 under bf16 training."""
     if teacher.mode == "none":
         return None
+    with autocast_off(t["teacher_labels"].device):
+        return _teacher_signal(teacher, t, cfg, loss_fn)
+
+
+def _teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig, loss_fn) -> Any:
     if teacher.model is not None:  # online: teacher forward now, then the same signal code
         h = round_hidden(teacher_forward(teacher.model, t), cfg.online_hidden_dtype)
         t["teacher_hidden"] = h

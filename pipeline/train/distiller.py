@@ -3,12 +3,17 @@
 Wrapping both is what makes DDP all-reduce the projector gradients too (the official code wraps
 its `Distiller` for the same reason), and under FSDP2 it keeps the student's head and embedding
 un-sharded while the loss reads them inside this forward.
+
+Precision: only the student forward runs under the caller's autocast (bf16 on GPU). The loss runs
+with autocast off on float32 inputs: autocast would otherwise cast `hidden @ head` of the teacher
+to bf16 even for float32 tensors, an error ~1,000x what bf16 hidden-state storage costs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..losses.signals import DistillLoss, LossOutput, StudentBatch, TeacherSignal
@@ -57,4 +62,15 @@ class Distiller(nn.Module):
     def forward(self, t: dict[str, Any], teacher: TeacherSignal | None,
                 batch_denom: float | Tensor, loss: DistillLoss | None = None) -> LossOutput:
         """`loss` overrides the training loss (validation CE without a teacher signal)."""
-        return (loss or self.loss)(self.student_batch(t), teacher, batch_denom)
+        sb = self.student_batch(t)  # under the caller's autocast, if any
+        with autocast_off(t["labels"].device):
+            for name in ("logits", "hidden"):  # bf16 activations -> float32 (differentiable)
+                x = getattr(sb, name)
+                if x is not None and x.is_floating_point() and x.dtype != torch.float32:
+                    setattr(sb, name, x.float())
+            return (loss or self.loss)(sb, teacher, batch_denom)
+
+
+def autocast_off(device: torch.device) -> torch.autocast:
+    """A region of exact float32 math inside an autocast one (teacher signal, losses)."""
+    return torch.autocast(device.type, enabled=False)

@@ -148,6 +148,42 @@ def test_cache_equals_online_for_dskd_cma_with_padded_batches(world, tmp_path):
     assert max_diff(weights(tmp_path / "cache"), weights(tmp_path / "on16")) < 2e-5
 
 
+@pytest.mark.parametrize("dense_mb", [1024, 0])  # teacher logits materialised / per chunk
+def test_bf16_autocast_leaves_the_teacher_logits_the_loss_sees_in_fp32(world, tmp_path,
+                                                                       monkeypatch, dense_mb):
+    """--precision bf16 runs the student under autocast (on CPU here, as on GPU), but the exact
+    teacher logits hidden @ head that reach the loss must be the float32 ones, bit for bit."""
+    import dskd.stages.distill as stage
+    from dskd.pipeline.losses.common import head_logits
+
+    assert isinstance(stage._autocast("bf16", torch.device("cpu")), torch.autocast)
+    seen, build_loss = [], stage.build_loss
+
+    def spying(*a, **k):
+        loss = build_loss(*a, **k)
+        forward = loss.forward
+
+        def spy(student, teacher, denom):
+            target = teacher.dense_target()
+            got = target if torch.is_tensor(target) else target.materialize()
+            with torch.autocast("cpu", enabled=False):
+                want = head_logits(teacher.hidden, teacher.head_weight, teacher.head_bias,
+                                   teacher.head_logit_scale)
+            seen.append((got, want))
+            return forward(student, teacher, denom)
+
+        loss.forward = spy
+        return loss
+
+    monkeypatch.setattr(stage, "build_loss", spying)
+    run(cfg(world, tmp_path / "r", cache=str(world["cache"]), method="kd", max_steps=1,
+            precision="bf16", dense_logits_max_mb=dense_mb))
+    assert seen
+    for got, want in seen:
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
 def test_topk_signal_runs_from_the_cache_and_online(world, tmp_path):
     common = {"method": "kd", "teacher_signal": "topk", "max_steps": 2, "online_top_k": 16}
     run(cfg(world, tmp_path / "c", cache=str(world["cache"]), **common))
