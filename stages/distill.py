@@ -33,6 +33,7 @@ from dskd.pipeline.losses.registry import (
 )
 from dskd.pipeline.train import checkpoint as ckpt
 from dskd.pipeline.train import distributed as dist
+from dskd.pipeline.train import resume
 from dskd.pipeline.train.distiller import Distiller, autocast_off
 from dskd.pipeline.train.loader import BatchStream, PlanConfig, to_device
 from dskd.pipeline.train.logger import METRICS_FILE, MetricsLogger, train_progress, truncate_metrics
@@ -237,6 +238,9 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     resume_from = _prepare_run_dir(cfg, out, env)
     say(f"template {inp.template} (from {inp.template_from}) · max-prompt-len "
         f"{inp.max_prompt_len} · max-len {inp.max_len}")
+    ckpt_state = ckpt.load_checkpoint(resume_from) if resume_from else None
+    if ckpt_state:  # the same plan (order, schedule, objective), or refuse naming what differs
+        resume.check_plan(resume_from.name, ckpt_state["trainer"], cfg, env.world_size)
     for note in inp.notes:
         say(f"[yellow]note:[/] {note}")
 
@@ -248,7 +252,6 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     teacher: TeacherSide = build_teacher_side(cfg, inp, student_tok, device)
 
     # ---- student, loss (projectors), the trainable unit
-    ckpt_state = ckpt.load_checkpoint(resume_from) if resume_from else None
     ckpt.seed_everything(cfg.seed)
     lora = LoraOptions(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                        tuple(cfg.lora_target_modules)) if cfg.lora else None
@@ -302,7 +305,11 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
         saved = ckpt_state["trainer"]
         _load_optimizer(model, optimizer, ckpt_state["optimizer"])
         step, best = saved["step"], saved.get("best")
-        stream.seek(**saved["position"])
+        resume.check_schedule(resume_from.name, saved, schedule.state_dict(), source.num_rows)
+        # the same examples into the epoch, as this run's micro-batches (processes may differ)
+        stream.seek(**resume.map_position(saved, env.world_size, cfg.batch_size,
+                                          stream.micro_per_epoch(saved["position"]["epoch"]),
+                                          source.num_rows))
         rngs = ckpt_state["rng"]
         ckpt.set_rng_state(rngs[env.rank] if len(rngs) == env.world_size else rngs[0])
         if env.is_main:  # logs of steps after the checkpoint are redone: drop them
@@ -580,7 +587,8 @@ def _save(out, step, model, tok, optimizer, schedule, stream, best, cfg, env) ->
     rngs = dist.all_gather_object(ckpt.rng_state())
     positions = dist.all_gather_object(stream.worker_positions())
     if env.is_main:
-        trainer = {"step": step, "position": stream.position, "best": best,
+        trainer = {"step": step, "position": stream.position, "rows": stream.source.num_rows,
+                   "best": best,
                    "schedule": schedule.state_dict(), "world_size": env.world_size,
                    "rank_worker_positions": positions, "config": to_dict(cfg)}
         ckpt.save_checkpoint(out, step, save_student=lambda d: write_student(

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dskd.pipeline.config import ConfigError
 from dskd.pipeline.train.checkpoint import list_checkpoints
 from dskd.pipeline.train.logger import read_metrics
+from dskd.pipeline.train.resume import ResumeMismatchError
 from dskd.stages.cache_teacher import CacheTeacherConfig
 from dskd.stages.cache_teacher import run as cache_run
 from dskd.stages.distill import DistillConfig, run
@@ -215,6 +216,42 @@ def test_resume_from_an_earlier_checkpoint_reaches_the_same_weights(world, tmp_p
     run(cfg(world, tmp_path / "r", resume=True, **args))
     assert max_diff(ref, weights(tmp_path / "r")) == 0.0
     assert [r["loss"] for r in train_rows(tmp_path / "r")] == [r["loss"] for r in ref_rows]
+
+
+def test_resume_with_other_settings_is_refused_naming_them(world, tmp_path):
+    args = {"cache": str(world["cache"]), "method": "kd", "max_steps": 2, "save_interval": 2}
+    run(cfg(world, tmp_path / "r", **args))
+    rows = read_metrics(tmp_path / "r")
+    with pytest.raises(ResumeMismatchError) as e:
+        run(cfg(world, tmp_path / "r", resume=True, **(args | {"seed": 4, "lr": 1e-3,
+                                                                "batch_size": 8, "max_steps": 3})))
+    msg = str(e.value)
+    for part in ("step-00000002", "seed: checkpoint 3, this run 4", "lr: checkpoint 0.0005",
+                 "max-steps: checkpoint 2, this run 3", "global batch", "= 4, this run 8 × 1 × 1"):
+        assert part in msg
+    assert read_metrics(tmp_path / "r") == rows  # refused before anything ran
+    # where files are, how data is loaded and how often to log are safe to change
+    run(cfg(world, tmp_path / "r", resume=True, **(args | {"log_interval": 5, "keep_last": 3})))
+
+
+def test_resume_with_the_same_global_batch_split_differently(world, tmp_path):
+    """Saved at 1 × --batch-size 8, resumed as --batch-size 4 --grad-accum 2: the position is
+    re-expressed in examples, so the run continues where it stopped (no example repeated or
+    skipped) and ends where the uninterrupted run did, up to float summation order."""
+    args = {"cache": str(world["cache"]), "method": "dskd", "max_steps": 6, "save_interval": 2,
+            "keep_last": 5}
+    run(cfg(world, tmp_path / "r", batch_size=8, **args))
+    ref, ref_rows = weights(tmp_path / "r"), train_rows(tmp_path / "r")
+    shutil.rmtree(tmp_path / "r" / "final")
+    for step in (4, 6):
+        shutil.rmtree(tmp_path / "r" / "checkpoints" / f"step-0000000{step}")
+    run(cfg(world, tmp_path / "r", batch_size=4, grad_accum=2, resume=True, **args))
+    rows = train_rows(tmp_path / "r")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for a, b in zip(ref_rows, rows):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["label_tokens"] == a["label_tokens"]
+    assert max_diff(ref, weights(tmp_path / "r")) < 1e-5
 
 
 # --------------------------------------------------------------------------- bad input
@@ -500,6 +537,27 @@ def test_torchrun_resume_after_kill(world, tmp_path):
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-00000006")
     _torchrun(2, two + ["--resume"])
     assert max_diff(ref, weights(tmp_path / "two")) == 0.0
+
+
+@pytest.mark.slow
+def test_torchrun_checkpoint_resumes_on_one_process(world, tmp_path):
+    """docs/distributed.md: a run saved by 2 processes × --batch-size 4 resumes on 1 process ×
+    --batch-size 4 --grad-accum 2 (the same global batch; the position re-expressed in examples)
+    and ends where the uninterrupted 2-process run did."""
+    two = _args(world, tmp_path / "r", **{"max-steps": 6, "save-interval": 2, "keep-last": 5})
+    _torchrun(2, two)
+    ref, ref_rows = weights(tmp_path / "r"), train_rows(tmp_path / "r")
+    shutil.rmtree(tmp_path / "r" / "final")
+    for step in (4, 6):
+        shutil.rmtree(tmp_path / "r" / "checkpoints" / f"step-0000000{step}")
+    one = _args(world, tmp_path / "r", **{"max-steps": 6, "save-interval": 2, "keep-last": 5,
+                                          "grad-accum": 2, "resume": None})
+    subprocess.run(_cli(*one), check=True, env=ENV, capture_output=True)
+    rows = train_rows(tmp_path / "r")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for a, b in zip(ref_rows, rows):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert max_diff(ref, weights(tmp_path / "r")) < 1e-5
 
 
 @pytest.mark.slow
