@@ -47,10 +47,12 @@ from dskd.pipeline.train.models import (
 )
 from dskd.pipeline.train.optim import LRSchedule, build_optimizer
 from dskd.pipeline.train.setup import (
+    RougeSet,
     RunInputs,
     TeacherSide,
     build_teacher_side,
     check_config,
+    load_rouge_set,
     make_source,
     student_dims,
 )
@@ -182,7 +184,9 @@ class DistillConfig:
         "help": "log to metrics.jsonl (and, when stderr is not a terminal, a progress line) "
                 "every N steps"})
     eval_rouge: bool = field(default=False, metadata={
-        "help": "also generate on --valid-data and score ROUGE-L (selects the best checkpoint)"})
+        "help": "also generate (greedy) on --valid-data and score ROUGE-L, selecting the best "
+                "checkpoint; prompts use the resolved template and prompt length (from the cache "
+                "unless given) and the student tokenizer"})
     eval_samples: int = field(default=0, metadata={"help": "examples for ROUGE-L (0 = all)"})
     eval_max_new_tokens: int = field(default=128, metadata={"help": "ROUGE-L generation length"})
     resume: bool = field(default=False, metadata={
@@ -249,6 +253,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     student_tok, tok_notes = load_tokenizer(cfg.student)
     for note in tok_notes:  # a student tokenizer without EOS/pad gets one, and the user is told
         say(f"[yellow]student tokenizer:[/] {note}")
+    rouge = load_rouge_set(cfg, inp, student_tok)  # before any model loads: fails early
     teacher: TeacherSide = build_teacher_side(cfg, inp, student_tok, device)
 
     # ---- student, loss (projectors), the trainable unit
@@ -337,7 +342,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
             # once in a while (every N steps, or 0 = each epoch end): validate (keep the best),
             # checkpoint; both always after the last step
             if step > start_step and (_due(step, cfg.eval_interval, epoch_done) or last):
-                metrics = evaluate(model, valid, teacher, cfg, env, autocast, student_tok)
+                metrics = evaluate(model, valid, teacher, cfg, env, autocast, student_tok, rouge)
                 if metrics:
                     logger.log(step, metrics)
                 value = metrics.get(_best_key(cfg))
@@ -449,7 +454,7 @@ def _teacher_signal(teacher: TeacherSide, t: dict[str, Any], cfg: DistillConfig,
 
 @torch.no_grad()
 def evaluate(model, valid, teacher: TeacherSide, cfg: DistillConfig, env: dist.DistEnv,
-             autocast, student_tok) -> dict[str, float]:
+             autocast, student_tok, rouge: RougeSet | None = None) -> dict[str, float]:
     """Validation loss terms (per label token) and, if asked, generation ROUGE-L."""
     out: dict[str, float] = {}
     if valid is None:
@@ -475,8 +480,8 @@ def evaluate(model, valid, teacher: TeacherSide, cfg: DistillConfig, env: dist.D
     n = max(got.pop("_tokens"), 1.0)
     out = {f"valid_{k}": v / n for k, v in got.items()}
     out["valid_loss"] = out.pop("valid_loss_sum")
-    if cfg.eval_rouge and env.is_main:
-        out["valid_rougeL"] = _rouge(dist.unwrap(model).student, student_tok, cfg)
+    if rouge is not None and env.is_main:
+        out["valid_rougeL"] = _rouge(dist.unwrap(model).student, student_tok, rouge, cfg)
     if cfg.eval_rouge and env.distributed:
         out["valid_rougeL"] = dist.broadcast_object(out.get("valid_rougeL"))
     dist.reshard(model)  # FSDP2: a forward without backward leaves the root un-sharded
@@ -484,16 +489,12 @@ def evaluate(model, valid, teacher: TeacherSide, cfg: DistillConfig, env: dist.D
     return out
 
 
-def _rouge(student, tok, cfg: DistillConfig) -> float:
-    """Greedy generation on --valid-data, mean max-over-references ROUGE-L (in [0, 100])."""
-    from dskd.pipeline.data import load_examples
+def _rouge(student, tok, rouge: RougeSet, cfg: DistillConfig) -> float:
+    """Greedy generation on the --eval-rouge set, mean max-over-references ROUGE-L (× 100)."""
     from dskd.pipeline.generate import generate_transformers
     from dskd.pipeline.metrics import rouge_l
 
-    examples = load_examples(cfg.valid_data, field_map=cfg.field_map,
-                             template=cfg.template or "dskd", on_bad_row=cfg.on_bad_row)
-    if cfg.eval_samples:
-        examples = examples[: cfg.eval_samples]
+    examples = rouge.examples
     with torch.random.fork_rng(devices=[]):  # generation must not move the training RNG
         tok.padding_side = "left"
         try:
@@ -501,13 +502,12 @@ def _rouge(student, tok, cfg: DistillConfig) -> float:
                                           [e.id for e in examples], seed=cfg.seed,
                                           decoding="greedy",
                                           max_new_tokens=cfg.eval_max_new_tokens,
-                                          max_prompt_len=cfg.max_prompt_len or 256,
+                                          max_prompt_len=rouge.max_prompt_len,
                                           batch_size=cfg.batch_size)
         finally:
             tok.padding_side = "right"
     scores = [rouge_l(t, e.references) for t, e in zip(texts, examples)]
-    return 100.0 * sum(scores) / max(1, len(scores)) if max(scores, default=0) <= 1 else \
-        sum(scores) / max(1, len(scores))
+    return 100.0 * sum(scores) / max(1, len(scores))  # rouge_l is in [0, 1]
 
 
 def _due(step: int, interval: int, epoch_done: bool) -> bool:

@@ -76,6 +76,9 @@ def check_config(cfg: Any) -> RunInputs:
         errs.append("--valid-cache needs --cache (its teacher signal must match the training one)")
     if cfg.eval_rouge and not cfg.valid_data:
         errs.append("--eval-rouge generates on --valid-data; give it")
+    if cfg.eval_rouge and (cfg.eval_samples < 0 or cfg.eval_max_new_tokens < 1):
+        errs.append(f"--eval-samples {cfg.eval_samples} must be ≥ 0 and --eval-max-new-tokens "
+                    f"{cfg.eval_max_new_tokens} ≥ 1")
     if cfg.eval_rouge and cfg.fsdp:
         errs.append("--eval-rouge is not supported with --fsdp (generation would need every rank)")
     if cfg.lora and cfg.fsdp:
@@ -234,6 +237,29 @@ def _sampled_check(cfg: Any, manifest: dict[str, Any] | None, path: str | None =
                         f"equal. Pass --kd-temperature {lay['sampled_temperature']:g}, or rebuild "
                         f"the cache with --sampled-temperature {cfg.kd_temperature:g}")
     return errs
+
+
+@dataclass
+class RougeSet:
+    """What `--eval-rouge` generates on: the --valid-data prompts rendered with the run's resolved
+    template (the cache's unless given) by the student tokenizer, and the resolved prompt cut."""
+
+    examples: list[Example]
+    max_prompt_len: int
+
+
+def load_rouge_set(cfg: Any, inp: RunInputs, student_tok: Any) -> RougeSet | None:
+    """The --eval-rouge examples, loaded before the first step so a problem (e.g. --template chat
+    with a student tokenizer that has no chat template) stops the run before training, not after."""
+    if not cfg.eval_rouge:
+        return None
+    try:
+        examples = load_examples(cfg.valid_data, field_map=cfg.field_map, template=inp.template,
+                                 on_bad_row=cfg.on_bad_row, tokenizer=student_tok,
+                                 limit=cfg.eval_samples or None)
+    except ValueError as e:
+        raise ConfigError(f"distill: --eval-rouge on --valid-data {cfg.valid_data}: {e}") from None
+    return RougeSet(examples, inp.max_prompt_len)
 
 
 def _dataset_check(cfg: Any, fp: dict[str, Any], template: str) -> list[str]:

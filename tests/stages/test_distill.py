@@ -457,6 +457,67 @@ def test_validation_and_rouge_select_the_best_checkpoint(world, tmp_path):
     assert best["checkpoint"] in kept and "step-00000004" in kept
 
 
+def _spy_generation(monkeypatch) -> list[tuple[list[str], int]]:
+    import dskd.pipeline.generate as gen
+
+    calls, real = [], gen.generate_transformers
+
+    def spy(model, tok, prompts, ids, **kw):
+        calls.append((list(prompts), kw["max_prompt_len"]))
+        return real(model, tok, prompts, ids, **kw)
+
+    monkeypatch.setattr(gen, "generate_transformers", spy)
+    return calls
+
+
+def test_eval_rouge_renders_and_cuts_prompts_as_the_cache_did(world, tmp_path, monkeypatch):
+    """No --template / --max-prompt-len: --eval-rouge inherits the cache's, as training does."""
+    from dskd.pipeline.data import load_examples
+
+    cache = tmp_path / "cache"
+    cache_run(CacheTeacherConfig(teacher=str(world["toy"].teacher), data=str(world["valid"]),
+                                 out=str(cache), template="none", max_prompt_len=24,
+                                 shard_size=16, progress=False))
+    calls = _spy_generation(monkeypatch)
+    run(cfg(world, tmp_path / "r", cache=str(cache), valid_data=str(world["valid"]),
+            eval_rouge=True, eval_samples=3, eval_max_new_tokens=4, method="kd", max_steps=1))
+    want = [e.prompt for e in load_examples(world["valid"], template="none", limit=3)]
+    assert calls == [(want, 24)]
+
+
+def test_eval_rouge_with_template_chat_uses_the_student_chat_template(world, tmp_path,
+                                                                     monkeypatch):
+    student = tmp_path / "student"
+    shutil.copytree(world["toy"].student, student)
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    tok.save_pretrained(student)
+    calls = _spy_generation(monkeypatch)
+    run(cfg(world, tmp_path / "r", student=str(student), method="sft", data=str(world["train"]),
+            template="chat", valid_data=str(world["valid"]), eval_rouge=True, eval_samples=2,
+            eval_max_new_tokens=4, max_steps=1))
+    ((prompts, _),) = calls
+    assert len(prompts) == 2 and all(p.startswith("user: ") and p.endswith("assistant:")
+                                     for p in prompts)
+    assert "valid_rougeL" in read_metrics(tmp_path / "r")[-1]
+
+
+def test_eval_rouge_problems_stop_the_run_before_the_first_step(world, tmp_path):
+    """With --valid-cache, --valid-data is read only for ROUGE-L: a bad row there, or a bad
+    generation setting, must stop the run at the start, not after training."""
+    bad = tmp_path / "valid.jsonl"
+    bad.write_text(Path(world["valid"]).read_text() + json.dumps({"instruction": "no answer"}) + "\n")
+    common = {"cache": str(world["cache"]), "valid_cache": str(world["vcache"]), "eval_rouge": True}
+    with pytest.raises(ConfigError, match=r"--eval-rouge on --valid-data .*valid.jsonl.*row 12"):
+        run(cfg(world, tmp_path / "a", valid_data=str(bad), **common))
+    with pytest.raises(ConfigError, match=r"--eval-max-new-tokens 0"):
+        run(cfg(world, tmp_path / "b", valid_data=str(world["valid"]), eval_max_new_tokens=0,
+                **common))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
 # --------------------------------------------------------------------------- slow: processes
 
 
