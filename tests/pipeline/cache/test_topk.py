@@ -141,3 +141,16 @@ def test_a_version_1_cache_written_by_the_old_code_still_reads(rows_of):
     info = inspect_cache(V1_CACHE)
     assert info["format_version"] == 1 and info["topk_storage"] == {"id_bits": 32, "logprobs": "fp32"}
     assert info["dtypes"]["topk_ids"] == "int32"
+
+
+def test_packed_high_id_bits_round_trip_through_writer_reader_and_verify(make_cache):
+    """V = 70,000 needs 17-bit ids: uint16 low bits + one packed high bit per id."""
+    out, rows, _ = make_cache(n_examples=6, shard_size=3, V=70_000, top_k=8, topk_logprobs="q8")
+    lay = load_manifest(out)["layout"]
+    assert lay["topk_id_bits"] == 17 and "topk_ids_hi" in lay["token_fields"]
+    got = list(CacheReader(out, fields=["topk_ids"]))
+    assert any((r.tokens["topk_ids"] >= 1 << 16).any() for r in rows)  # the high bit is used
+    for g, row in zip(got, rows):
+        np.testing.assert_array_equal(g.topk_ids, row.tokens["topk_ids"])
+    assert verify_cache(out) == []
+    assert inspect_cache(out)["bytes_per_token"]["topk_ids_hi"] > 0
