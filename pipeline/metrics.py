@@ -207,22 +207,33 @@ def _tokenize_like_cache(tokenizer: Any, ex: Any, limits: tuple[int, int]
 
 @torch.no_grad()
 def heldout_nll(examples: Sequence[Any], model: torch.nn.Module, tokenizer: Any, *,
+                max_prompt_len: int = 256, max_len: int = 512,
                 batch_size: int = 16) -> dict[str, float | None]:
     """Token-weighted NLL/PPL of each example's response given its prompt (no generation).
 
-    Tokenized as training does (no BOS, prompt and response apart, EOS appended, untruncated, as
-    `cache_fidelity`'s NLL); right-padded batches, so padding never shifts a real position.
+    Tokenized as training does, under `max_prompt_len`/`max_len` (pass a cache's limits to match
+    `cache_fidelity`'s NLL); an example that does not fit is counted in `skipped`. Right-padded
+    batches, so padding never shifts a real position.
     """
+    from .tokenize import TokenizeError, tokenize_text
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kept = []
+    for ex in examples:
+        try:
+            t = tokenize_text(ex.id, ex.prompt, ex.response, tokenizer, max_prompt_len, max_len)
+        except TokenizeError:
+            continue
+        kept.append((list(t.input_ids), t.prompt_len))
     nll: dict[str, float] = {}
-    for i in range(0, len(examples), batch_size):
-        seqs = [_student_ids(tokenizer, ex.prompt, ex.response) for ex in examples[i:i + batch_size]]
-        width = max(len(ids) for ids, _ in seqs) - 1
-        x = torch.full((len(seqs), width), pad, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(seqs), width), -100, dtype=torch.long)  # (B, T), shifted
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for b, (ids, plen) in enumerate(seqs):
+    for i in range(0, len(kept), batch_size):
+        batch = kept[i:i + batch_size]
+        width = max(len(ids) for ids, _ in batch) - 1
+        x = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)  # (B, T), shifted
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, (ids, plen) in enumerate(batch):
             n = len(ids) - 1
             x[b, :n] = torch.tensor(ids[:-1])
             mask[b, :n] = 1
@@ -231,7 +242,7 @@ def heldout_nll(examples: Sequence[Any], model: torch.nn.Module, tokenizer: Any,
         add_sums(nll, response_nll(logits.flatten(0, 1), labels.flatten().to(device)))
     out = finalize_fidelity({}, nll)
     return {"nll": out["nll"], "ppl": out["ppl"], "nll_tokens": out.get("nll_tokens", 0),
-            "examples": len(examples)}
+            "examples": len(kept), "skipped": len(examples) - len(kept)}
 
 
 @torch.no_grad()

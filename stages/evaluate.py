@@ -401,7 +401,14 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
                              models_info: dict[str, Any]) -> Path:
     """--no-generate: per model, the held-out NLL of each eval set's responses and the fidelity
     against --cache (and the exact metrics, where the data carries true probabilities)."""
+    from dskd.pipeline.cache.manifest import load_manifest
+    from dskd.pipeline.train.setup import DEFAULT_MAX_LEN
+
     tf = dataclasses.replace(cfg, backend="transformers")  # scoring needs the full logits
+    # training's tokenization limits: the cache's with --cache (so both NLLs agree), else
+    # --max-prompt-len and distill's default sequence length
+    limits = (metrics.cache_limits(load_manifest(cfg.cache)) if cfg.cache
+              else (cfg.max_prompt_len, DEFAULT_MAX_LEN))
     heldout: dict[str, dict[str, Any]] = {}
     fidelity: dict[str, Any] | None = {} if cfg.cache else None
     for mname, mdir in models.items():
@@ -410,8 +417,9 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
         for sname, path in zip(set_names(cfg), cfg.data):
             tok = model.tokenizer if cfg.template == "chat" else None
             examples = load_eval_set(path, cfg, out, tok)
-            heldout[mname][sname] = metrics.heldout_nll(examples, model.model, model.tokenizer,
-                                                        batch_size=cfg.batch_size)
+            heldout[mname][sname] = metrics.heldout_nll(
+                examples, model.model, model.tokenizer, max_prompt_len=limits[0],
+                max_len=limits[1], batch_size=cfg.batch_size)
             exact = truth_metrics(path, examples, model.model, model.tokenizer)
             if exact is not None:
                 heldout[mname][sname]["exact"] = exact
