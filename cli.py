@@ -192,17 +192,17 @@ def _not_built(name: str, reason: str):
 
 
 def _register(name: str, module: str, cls_name: str, help_text: str) -> None:
+    """Add a stage's command. Only a stage module that does not exist is "not built yet": any
+    other error while importing it (an AttributeError or ImportError inside the stage or one of
+    its imports) is a bug or a broken install and propagates as itself, traceback and all."""
     try:
         mod = importlib.import_module(module)
-        cls, run = getattr(mod, cls_name), mod.run
     except ModuleNotFoundError as e:
         if e.name != module:
             raise
         app.command(name, help=help_text + " [not built yet]")(_not_built(name, f"{module} is missing"))
         return
-    except AttributeError as e:
-        app.command(name, help=help_text + " [not built yet]")(_not_built(name, str(e)))
-        return
+    cls, run = getattr(mod, cls_name), mod.run
     app.command(name, help=(mod.__doc__ or help_text).strip().split("\n")[0])(make_command(cls, run))
 
 

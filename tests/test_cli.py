@@ -1,4 +1,5 @@
-"""CLI: the commands exist; options come from stage configs; unbuilt commands fail loudly."""
+"""CLI: the commands exist; options come from stage configs; unbuilt commands fail loudly and
+broken ones with their own error."""
 
 import subprocess
 import sys
@@ -113,3 +114,30 @@ def test_help_shows_every_default():
             names, help_text = params[f.name].get_help_record(ctx)
             assert help_text.endswith(f"[default: {shown}]"), (command, names, help_text)
             assert re.sub(r"\s+", "", names + help_text) in text, (command, names)
+
+
+def test_a_broken_stage_import_raises_its_own_error_not_not_built_yet(tmp_path, monkeypatch):
+    """Only a missing stage module is "not built yet"; an AttributeError or ImportError inside an
+    existing stage (or a dependency it lacks) surfaces as itself."""
+    import pytest
+
+    from dskd import cli
+
+    pkg = tmp_path / "fake_stages_12"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "attr.py").write_text("import os\nBROKEN = os.no_such_function\n")
+    (pkg / "name.py").write_text("from os import no_such_name\n")
+    (pkg / "dep.py").write_text("import no_such_dependency_12\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "app", typer.Typer())
+    with pytest.raises(AttributeError, match="no_such_function"):
+        cli._register("attr", "fake_stages_12.attr", "Cfg", "help")
+    with pytest.raises(ImportError, match="no_such_name"):
+        cli._register("name", "fake_stages_12.name", "Cfg", "help")
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_12"):
+        cli._register("dep", "fake_stages_12.dep", "Cfg", "help")
+    cli._register("gone", "fake_stages_12.gone", "Cfg", "help")  # the module itself is missing
+    cli.app.command("noop")(lambda: None)
+    r = CliRunner().invoke(cli.app, ["gone"])
+    assert r.exit_code == 2 and "not built yet" in r.output
