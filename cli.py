@@ -225,14 +225,24 @@ def cache_inspect(cache_dir: Path = typer.Argument(..., help="cache directory"),
 
 @cache_app.command("verify")
 def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory"),
+                 full: bool = typer.Option(False, "--full", help=(
+                     "recompute hidden @ head for every token row, not a sample of each shard")),
                  repair: bool = typer.Option(False, "--repair", help=(
                      "un-commit the bad shards so rerunning the same cache-teacher command "
                      "rewrites only them"))) -> None:
-    """Checksums, shapes, offsets, token ids in range, NaN/inf; exits 1 naming each bad shard."""
-    from .pipeline.cache.verify import uncommit_bad_shards, verify_cache
+    """Checksums, shapes, offsets, ids, NaN/inf, Σ p = 1, hidden @ head vs the stored log-probs."""
+    from .pipeline.cache.verify import SAMPLE_ROWS, check_cache, uncommit_bad_shards
 
     with user_errors():
-        problems = verify_cache(cache_dir)
+        report = check_cache(cache_dir, sample_rows=None if full else SAMPLE_ROWS)
+    problems = report.problems
+    if report.shards:
+        typer.echo(f"hidden @ head recomputed on {'every row' if full else f'≤ {SAMPLE_ROWS} rows'} "
+                   "per shard; max |error| in nats of lse and log-probs, and of Σ p − 1:")
+        for name, r in report.shards.items():
+            rc = r.recompute
+            typer.echo(f"  {name}  rows {rc.rows}/{r.n_rows}  log-prob err {rc.max_err:.2e} "
+                       f"({rc.max_ratio:.2g}x tolerance)  mass err {r.mass_err:.1e}")
     if not problems:
         typer.echo(f"OK: {cache_dir}")
         return
@@ -245,8 +255,8 @@ def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory"),
             typer.echo(f"un-committed {len(fixed)} shard(s): {', '.join(fixed)}; rerun the same "
                        "`dskd cache-teacher` command to rewrite them", err=True)
         if any(p.shard is None and "incomplete" not in p.message for p in rest):
-            fail("the manifest or head is damaged and cannot be repaired shard by shard; rebuild "
-                 "with `dskd cache-teacher ... --overwrite`", code=1)
+            fail("the manifest, head or tokenizer is damaged and cannot be repaired shard by "
+                 "shard; rebuild with `dskd cache-teacher ... --overwrite`", code=1)
         raise typer.Exit(1)
     fail(f"{len(problems)} problem(s) in {cache_dir}; `dskd cache verify --repair {cache_dir}` "
          "then rerunning the same cache-teacher command rewrites only the bad shards", code=1)

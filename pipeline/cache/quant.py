@@ -74,3 +74,27 @@ def decode_hidden(codes: np.ndarray, dtype: str, scale: np.ndarray | None = None
             raise ValueError("fp8 hidden states need their per-token scale")
         return FP8_TABLE[codes] * scale.astype(np.float32)[:, None]
     raise ValueError(f"unknown hidden dtype {dtype!r}; choose one of {HIDDEN_DTYPES}")
+
+
+def rounding_bound(h: np.ndarray, dtype: str, scale: np.ndarray | None = None) -> np.ndarray:
+    """(T, D) float32: how far each decoded value ``h`` may be from the value that was encoded.
+
+    Every encoder above rounds to nearest, so that is half a step of the encoding at ``h`` (the
+    step above ``h``, the larger one at a power of two). ``dtype`` may also be a torch compute
+    dtype name ("bfloat16", "float16", "float32"): the rounding a bf16 teacher applies."""
+    a = np.abs(h.astype(np.float32))
+    if dtype in ("fp16", "float16"):
+        step = np.spacing(a.astype(np.float16)).astype(np.float32)
+    elif dtype in ("bf16", "bfloat16"):
+        step = np.spacing(a) * np.float32(2**16)  # float32 step 2^(e-23); bf16 step 2^(e-7)
+    elif dtype == "float32":
+        step = np.spacing(a)
+    elif dtype == "fp8":
+        if scale is None:
+            raise ValueError("fp8 hidden states need their per-token scale")
+        s = scale.astype(np.float32)[:, None]
+        c = a / s  # the e4m3 values themselves; below 2^-6 they are subnormal, step 2^-9
+        step = np.exp2(np.floor(np.log2(np.maximum(c, 2.0**-6))) - 3).astype(np.float32) * s
+    else:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return step / 2

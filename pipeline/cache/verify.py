@@ -1,12 +1,15 @@
-"""`dskd cache verify`: checksums, shapes, offsets, id ranges and a NaN/inf scan of every shard.
+"""`dskd cache verify`: checksums, shapes, offsets, id ranges, a NaN/inf scan, the probability
+mass of every row (Σ exp(top-k) + exp(tail) = 1), and ``hidden @ head`` recomputed for a sample of
+rows of every shard (all rows with ``sample_rows=None``) against the stored log-probs.
 
 Returns a list of problems, each naming the shard and field, instead of stopping at the first: a
-user fixing a cache wants to know every bad shard at once.
+user fixing a cache wants to know every bad shard at once; ``check_cache`` adds, per shard, the
+largest errors it measured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,8 @@ import pyarrow as pa
 import zarr
 
 from .manifest import committed_shards, hash_file, load_manifest
-from .quant import decode_hidden
+from .quant import decode_hidden, rounding_bound
+from .recompute import HeadRecompute, RecomputeStats
 from .spec import (
     CHECKSUM,
     EXAMPLE_COLUMNS,
@@ -32,6 +36,7 @@ from .spec import (
 from .topk import decode_ids, decode_logprobs, logprob_tolerance
 
 _EPS = 1e-5  # log-probs may exceed 0 by float rounding
+SAMPLE_ROWS = 64  # token rows per shard whose hidden @ head is recomputed (None: every row)
 
 
 @dataclass(frozen=True)
@@ -45,23 +50,58 @@ class Problem:
         return f"{where}{'/' + self.field if self.field else ''}: {self.message}"
 
 
-def verify_cache(path: str | Path, checksums: bool = True) -> list[Problem]:
+@dataclass
+class ShardReport:
+    """What the content checks measured in one shard."""
+
+    n_rows: int = 0
+    mass_err: float = 0.0  # max |Σ exp(topk_logprobs) + exp(tail_logprob) − 1| over all rows
+    recompute: RecomputeStats = field(default_factory=RecomputeStats)
+
+
+@dataclass
+class VerifyReport:
+    problems: list[Problem]
+    shards: dict[str, ShardReport]  # by shard name, for the shards whose contents were read
+
+
+def verify_cache(path: str | Path, checksums: bool = True,
+                 sample_rows: int | None = SAMPLE_ROWS) -> list[Problem]:
     """Every problem found in the cache at ``path``; an empty list means it is sound."""
+    return check_cache(path, checksums, sample_rows).problems
+
+
+def check_cache(path: str | Path, checksums: bool = True,
+                sample_rows: int | None = SAMPLE_ROWS) -> VerifyReport:
+    """verify_cache's problems plus what each shard measured. ``sample_rows``: token rows per
+    shard whose ``hidden @ head`` is recomputed (None: all of them)."""
     path = Path(path)
     try:
         m = load_manifest(path)
     except CacheError as e:
-        return [Problem(None, "manifest.json", str(e))]
+        return VerifyReport([Problem(None, "manifest.json", str(e))], {})
     problems: list[Problem] = []
     lay = m["layout"]
     shards = committed_shards(path, m)
     if not m["complete"]:
         problems.append(Problem(None, None, f"incomplete: {len(shards)} of {lay['n_shards']} shards "
                                 "committed; rerun the same cache-teacher command to finish it"))
-    problems += _check_head(path, m, checksums)
+    head_problems = _check_head(path, m, checksums)
+    problems += head_problems
+    head = None if head_problems else _load_head(path, m)
+    reports = {}
     for idx in sorted(shards):
-        problems += verify_shard(path, shards[idx], lay, checksums)
-    return problems
+        found, reports[shards[idx]["name"]] = verify_shard(path, shards[idx], lay, checksums, head,
+                                                           sample_rows)
+        problems += found
+    return VerifyReport(problems, reports)
+
+
+def _load_head(path: Path, m: dict[str, Any]) -> HeadRecompute:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / HEAD_FILE))
+    return HeadRecompute(tensors, m["head"].get("logit_scale", 1.0))
 
 
 def _check_head(path: Path, m: dict[str, Any], checksums: bool) -> list[Problem]:
@@ -80,12 +120,15 @@ def _check_head(path: Path, m: dict[str, Any], checksums: bool) -> list[Problem]
     return [] if shape == want else [Problem(None, HEAD_FILE, f"{HEAD_WEIGHT} is {shape}, expected {want}")]
 
 
-def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any],
-                 checksums: bool = True) -> list[Problem]:
+def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any], checksums: bool = True,
+                 head: HeadRecompute | None = None, sample_rows: int | None = SAMPLE_ROWS
+                 ) -> tuple[list[Problem], ShardReport]:
+    """(problems, measurements) of one committed shard; ``head`` None skips the recompute."""
     name = rec["name"]
     d = path / SHARDS_DIR / name
+    report = ShardReport(n_rows=rec["n_rows"])
     if not d.is_dir():
-        return [Problem(name, None, f"directory {d} is missing")]
+        return [Problem(name, None, f"directory {d} is missing")], report
     problems = []
     on_disk = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()}
     for rel, info in rec["files"].items():
@@ -100,13 +143,25 @@ def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any],
     for rel in sorted(on_disk - set(rec["files"])):
         problems.append(Problem(name, rel, "file not recorded in the manifest"))
     try:
-        problems += _check_contents(d, rec, lay)
+        problems += _check_contents(d, rec, lay, head, _sample(rec, sample_rows), report)
     except Exception as e:  # noqa: BLE001 - a corrupt file can break any reader: report, go on
         problems.append(Problem(name, None, f"cannot be read: {type(e).__name__}: {e}"))
-    return problems
+    return problems, report
 
 
-def _check_contents(d: Path, rec: dict[str, Any], lay: dict[str, Any]) -> list[Problem]:
+def _sample(rec: dict[str, Any], sample_rows: int | None) -> np.ndarray:
+    """Sorted token rows to recompute: a fixed random sample per shard (seeded by its index, so
+    reruns check the same rows), or every row."""
+    n = rec["n_rows"]
+    if sample_rows is None or sample_rows >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(rec["index"])
+    return np.sort(rng.choice(n, size=sample_rows, replace=False))
+
+
+def _check_contents(d: Path, rec: dict[str, Any], lay: dict[str, Any],
+                    head: HeadRecompute | None, sample: np.ndarray,
+                    report: ShardReport) -> list[Problem]:
     name, V = rec["name"], lay["vocab_size"]
     P = []
     table = pa.ipc.open_file(pa.memory_map(str(d / EXAMPLES_FILE), "r")).read_all()
@@ -156,7 +211,8 @@ def _check_contents(d: Path, rec: dict[str, Any], lay: dict[str, Any]) -> list[P
                              f"{f.dtype}{want}"))
     if P:
         return P
-    return _scan_values(g, name, lay, flat_ids, to) + _scan_sampled(g, name, lay)
+    return (_scan_values(g, name, lay, flat_ids, to, head, sample, report)
+            + _scan_sampled(g, name, lay))
 
 
 def _scan_sampled(g: zarr.Group, name: str, lay: dict[str, Any]) -> list[Problem]:
@@ -186,8 +242,10 @@ def _scan_sampled(g: zarr.Group, name: str, lay: dict[str, Any]) -> list[Problem
 
 
 def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.ndarray,
-                 to: np.ndarray) -> list[Problem]:
-    """NaN/inf and range checks, a block of rows at a time so memory stays bounded."""
+                 to: np.ndarray, head: HeadRecompute | None, sample: np.ndarray,
+                 report: ShardReport) -> list[Problem]:
+    """NaN/inf, range and probability-mass checks on every row, and the recompute check on the
+    ``sample`` rows, a block of rows at a time so memory stays bounded."""
     V, k, hd = lay["vocab_size"], lay["top_k"], lay["hidden_dtype"]
     st = TopkStorage.from_layout(lay)
     n_rows = int(to[-1])
@@ -214,6 +272,7 @@ def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.nda
         tail = g["tail_logprob"][a:b]
         if np.isnan(tail).any() or (tail > _EPS).any():
             found.setdefault("tail_logprob", "NaN or positive values")
+        ids = lp = None
         if k:
             ids = decode_ids(g["topk_ids"][a:b], g["topk_ids_hi"][a:b] if st.hi_bits else None, st)
             bounds = g["topk_logprob_bounds"][a:b] if st.logprobs == "q8" else None
@@ -234,7 +293,59 @@ def _scan_values(g: zarr.Group, name: str, lay: dict[str, Any], flat_ids: np.nda
             tol = np.broadcast_to(logprob_tolerance(st.logprobs, bounds, lp), lp.shape)
             if rows.any() and (np.abs(lp[hit] - nxt[rows]) > tol[hit]).any():
                 found.setdefault("next_logprob", "disagrees with topk_logprobs for the same token")
+        lp_tol = tol[:, 0] if k else None  # (rows,) what the top-k storage may add per value
+        _check_mass(lp, lp_tol, tail, a, found, report)
+        if head is not None and not found:
+            s = sample[(sample >= a) & (sample < b)]
+            if len(s):
+                _recompute(head, h, scale, hd, ids, lp, lp_tol, lse, next_ids[a:b], nxt, s - a,
+                           a, found, report)
     return [Problem(name, f, msg) for f, msg in found.items()]
+
+
+# Σ exp(top-k) + exp(tail) = 1: float32 sums over the vocabulary are good to ~1e-6.
+_MASS_TOL = 1e-4
+
+
+def _check_mass(lp: np.ndarray | None, lp_tol: np.ndarray | None, tail: np.ndarray, a: int,
+                found: dict[str, str], report: ShardReport) -> None:
+    """Every row's top-k probabilities plus its tail mass sum to 1 (docs/cache-format.md §4.1),
+    up to what the top-k storage (q8/fp16 log-probs: ``lp_tol`` per row) can represent."""
+    mass = np.exp(tail.astype(np.float64))  # -inf tail (k ≥ V) → 0; k = 0 → tail 0 → 1
+    tol = np.full(len(tail), _MASS_TOL)
+    if lp is not None:
+        p = np.exp(lp.astype(np.float64)).sum(axis=1)
+        mass += p
+        tol += p * np.expm1(lp_tol.astype(np.float64))
+    if not len(mass):
+        return
+    dev = np.abs(mass - 1)
+    over = np.nan_to_num(dev / tol, nan=np.inf)
+    j = int(over.argmax())
+    report.mass_err = max(report.mass_err, float(dev[j]) if np.isfinite(dev[j]) else np.inf)
+    if not over[j] <= 1:
+        found.setdefault("tail_logprob", f"row {a + j}: Σ exp(topk_logprobs) + exp(tail_logprob) "
+                         f"= {mass[j]:.6g}, not 1 (top-k and tail mass do not belong together)")
+
+
+def _recompute(head: HeadRecompute, h: np.ndarray, scale: np.ndarray | None, hd: str,
+               ids: np.ndarray | None, lp: np.ndarray | None, lp_tol: np.ndarray | None,
+               lse: np.ndarray, next_ids: np.ndarray, nxt: np.ndarray, rows: np.ndarray, a: int,
+               found: dict[str, str], report: ShardReport) -> None:
+    """``hidden @ head`` on ``rows`` (of this block) against the stored log-probs and lse."""
+    hs = h[rows]
+    q = rounding_bound(hs, hd, None if scale is None else scale[rows])
+    err, ratio = head.check(hs, q, None if ids is None else ids[rows],
+                            None if lp is None else lp[rows], lse[rows], next_ids[rows],
+                            nxt[rows], None if lp_tol is None else lp_tol[rows])
+    report.recompute.add(err, ratio, rows + a)
+    bad = np.flatnonzero(~(ratio <= 1))
+    if len(bad):
+        j = bad[int(ratio[bad].argmax())] if np.isfinite(ratio[bad]).any() else bad[0]
+        found.setdefault("hidden", (
+            f"row {a + rows[j]}: hidden @ head disagrees with the stored log-probs/lse by "
+            f"{err[j]:.3g} nats ({ratio[j]:.3g}x the tolerance for {hd} storage); the hidden "
+            "state is not the one the log-probs were computed from (rows shifted or mixed up)"))
 
 
 def uncommit_bad_shards(path: str | Path, problems: list[Problem]) -> list[str]:

@@ -3,6 +3,7 @@ SIGKILL mid-run and torchrun."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -123,6 +124,39 @@ def test_cli_inspect_and_verify(reference, tmp_path):
     f.write_bytes(f.read_bytes()[:-10])
     r = CliRunner().invoke(app, ["cache", "verify", str(out)])
     assert r.exit_code == 1 and "shard-00002/topk_logprobs/c/0/0" in r.output
+
+
+def test_verify_catches_hidden_rows_off_by_one_against_their_topk(reference, tmp_path):
+    """A real teacher's cache: sound, every recomputed value is within its tolerance; with the
+    hidden rows of shard 2 moved one position (row k holds position k+1's state, checksums
+    re-recorded), only the recompute check can tell, and it names that shard."""
+    import zarr
+
+    from dskd.pipeline.cache.manifest import hash_file, load_commits, save_manifest, write_commit
+    from dskd.pipeline.cache.verify import check_cache
+
+    sound = check_cache(reference, sample_rows=None)
+    assert sound.problems == [] and len(sound.shards) == 4
+    assert all(r.recompute.rows == r.n_rows and r.recompute.max_ratio < 1 and r.mass_err < 1e-4
+               for r in sound.shards.values())
+    out = tmp_path / "c"
+    shutil.copytree(reference, out)
+    d = out / spec.SHARDS_DIR / "shard-00002"
+    g = zarr.open_group(str(d), mode="r+", zarr_format=3)
+    to, hidden = g[spec.TOKEN_OFFSETS][:], g["hidden"][:]
+    for a, b in itertools.pairwise(to):
+        hidden[a:b - 1] = hidden[a + 1:b].copy()
+    g["hidden"][...] = hidden
+    m = load_manifest(out)
+    rec = load_commits(out)[2]
+    rec["files"] = {rel: {"bytes": (d / rel).stat().st_size, spec.CHECKSUM: hash_file(d / rel)}
+                    for rel in rec["files"]}
+    write_commit(out, rec)
+    m["shards"][2] = rec
+    save_manifest(out, m)
+    bad = check_cache(out)
+    assert [(p.shard, p.field) for p in bad.problems] == [("shard-00002", "hidden")]
+    assert bad.shards["shard-00002"].recompute.max_ratio > 10
 
 
 def test_lock_refuses_a_second_writer(toy_world, tmp_path):

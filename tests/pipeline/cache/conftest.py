@@ -16,8 +16,12 @@ from dskd.pipeline.cache.writer import ExampleRows, ShardLayout, ShardWriter
 
 
 def synthetic_rows(n_examples: int, D: int, V: int, hidden_dtype: str, top_k: int,
-                   seed: int = 0) -> tuple[list[ExampleRows], list[np.ndarray]]:
-    """Examples with random ids/texts and per-token fields shaped like a real teacher's.
+                   seed: int = 0, head: np.ndarray | None = None
+                   ) -> tuple[list[ExampleRows], list[np.ndarray]]:
+    """Examples with random ids/texts and per-token fields shaped like a real teacher's: the
+    log-probs are those of ``hidden @ head.T`` and the tail is the mass outside the top-k, as
+    `cache verify` checks. Without a head: random float32 logits and a tail of -0.5, bit for bit
+    what the stored version-1 fixture (data/v1-cache) was written from.
     Returns the rows and each example's float32 hidden states (before encoding)."""
     rng = np.random.default_rng(seed)
     rows, hiddens = [], []
@@ -27,13 +31,22 @@ def synthetic_rows(n_examples: int, D: int, V: int, hidden_dtype: str, top_k: in
         ids = rng.integers(0, V, n).astype(np.int32)
         h = rng.standard_normal((n - 1, D)).astype(np.float32) * 3
         codes, scale = encode_hidden(torch.from_numpy(h), hidden_dtype)
-        logits = rng.standard_normal((n - 1, V)).astype(np.float32)
+        if head is None:
+            logits = rng.standard_normal((n - 1, V)).astype(np.float32)
+        else:
+            logits = (h @ head.T).astype(np.float64)
         lse = np.log(np.exp(logits).sum(-1))
         order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+        if head is None:
+            tail = np.full(n - 1, -0.5, np.float32)
+        else:  # the mass outside the top-k, summed directly
+            rest = logits.copy()
+            np.put_along_axis(rest, order, -np.inf, 1)
+            tail = np.log(np.exp(rest - lse[:, None]).sum(-1))
         tok = {
             "hidden": codes_to_numpy(codes, hidden_dtype),
             "lse": lse.astype(np.float32),
-            "tail_logprob": np.full(n - 1, -0.5, np.float32),
+            "tail_logprob": tail.astype(np.float32),
             "next_logprob": (logits[np.arange(n - 1), ids[1:]] - lse).astype(np.float32),
         }
         if scale is not None:
@@ -55,10 +68,12 @@ def build_synthetic_cache(out: Path, n_examples: int = 23, shard_size: int = 5, 
     """Start a cache, commit shards (all, or only ``commit``), finalize when all are there.
     ``topk_logprobs``: None keeps the version-1 top-k storage (int32 ids, float32 log-probs);
     q8/fp16/fp32 uses the narrowest ids for V, as cache-teacher does."""
-    rows, hiddens = synthetic_rows(n_examples, D, V, hidden_dtype, top_k, seed)
     topk = spec.V1_TOPK if topk_logprobs is None else spec.TopkStorage.for_vocab(V, topk_logprobs)
     g = torch.Generator().manual_seed(seed)
-    head = {spec.HEAD_WEIGHT: torch.randn(V, D, generator=g)}
+    # scaled so that logits = hidden @ head.T have std ~1, like a real teacher's log-probs
+    head = {spec.HEAD_WEIGHT: torch.randn(V, D, generator=g) / (3 * D ** 0.5)}
+    rows, hiddens = synthetic_rows(n_examples, D, V, hidden_dtype, top_k, seed,
+                                   head[spec.HEAD_WEIGHT].numpy())
     head_info = write_head(out, head, {"logit_scale": 1.0, "tied_embeddings": True})
     ranges = spec.shard_ranges(n_examples, shard_size)
     layout = {"n_examples": n_examples, "shard_size": shard_size, "n_shards": len(ranges),

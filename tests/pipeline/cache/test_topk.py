@@ -137,7 +137,11 @@ def test_a_version_1_cache_written_by_the_old_code_still_reads(rows_of):
         np.testing.assert_array_equal(g.topk_logprobs, row.tokens["topk_logprobs"])
         np.testing.assert_array_equal(g.next_logprob, row.tokens["next_logprob"])
         np.testing.assert_allclose(g.hidden, h, rtol=2e-3, atol=2e-3 * np.abs(h).max())
-    assert verify_cache(V1_CACHE) == []
+    # the fixture's rows are random (tail -0.5, log-probs no head explains): the only problem
+    # verify may find is the tail mass, on every shard; nothing about the version-1 layout
+    problems = verify_cache(V1_CACHE)
+    assert {(p.shard, p.field) for p in problems} == {(s["name"], "tail_logprob")
+                                                      for s in m["shards"]}
     info = inspect_cache(V1_CACHE)
     assert info["format_version"] == 1 and info["topk_storage"] == {"id_bits": 32, "logprobs": "fp32"}
     assert info["dtypes"]["topk_ids"] == "int32"

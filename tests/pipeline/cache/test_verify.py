@@ -1,6 +1,7 @@
 """`verify` names every bad shard and what is wrong with it."""
 
 import numpy as np
+import pytest
 import zarr
 
 from dskd.pipeline.cache import spec
@@ -12,7 +13,7 @@ from dskd.pipeline.cache.manifest import (
     save_manifest,
     write_commit,
 )
-from dskd.pipeline.cache.verify import verify_cache
+from dskd.pipeline.cache.verify import check_cache, verify_cache
 
 
 def _shard(out, i):
@@ -98,3 +99,64 @@ def test_inspect_reports_counts_bytes_and_dtypes(make_cache):
     assert 32 <= info["bytes_per_token"]["hidden"] < 32 + 2000 * 5 / n_rows
     text = format_inspect(info)
     assert "bytes/token" in text and "synthetic-0" in text
+
+
+@pytest.mark.parametrize("hidden_dtype", ["fp16", "bf16", "fp8"])
+def test_recompute_passes_a_sound_cache_and_catches_a_hidden_row_shifted_against_its_topk(
+        make_cache, hidden_dtype):
+    out, _, _ = make_cache(hidden_dtype=hidden_dtype)
+    report = check_cache(out, sample_rows=None)
+    assert report.problems == []
+    for r in report.shards.values():
+        assert r.recompute.rows == r.n_rows > 0 and r.recompute.max_ratio <= 1
+        assert r.mass_err < 1e-5
+    # shard 2's hidden rows moved down by one: every field well formed, checksums re-recorded
+    _rewrite_array(out, 2, "hidden", lambda a: np.roll(a, 1, axis=0))
+    if hidden_dtype == "fp8":
+        _rewrite_array(out, 2, "hidden_scale", lambda a: np.roll(a, 1, axis=0))
+    report = check_cache(out)
+    assert {(p.shard, p.field) for p in report.problems} == {("shard-00002", "hidden")}
+    assert "hidden @ head disagrees with the stored log-probs" in str(report.problems[0])
+    assert report.shards["shard-00002"].recompute.max_err > 1.0
+
+
+def test_two_swapped_rows_are_caught_by_full_and_reported_per_shard(make_cache):
+    out, _, _ = make_cache(n_examples=40, shard_size=20)
+    n_rows = load_manifest(out)["shards"][1]["n_rows"]
+    sampled = check_cache(out, sample_rows=4)
+    assert sampled.problems == [] and sampled.shards["shard-00001"].recompute.rows == 4
+
+    def swap(a):
+        a = a.copy()
+        a[[7, n_rows - 3]] = a[[n_rows - 3, 7]]
+        return a
+
+    _rewrite_array(out, 1, "hidden", swap)
+    full = check_cache(out, sample_rows=None)
+    assert [(p.shard, p.field) for p in full.problems] == [("shard-00001", "hidden")]
+    assert any(f"hidden: row {r}:" in str(full.problems[0]) for r in (7, n_rows - 3))
+    assert full.shards["shard-00001"].recompute.rows == n_rows
+    assert full.shards["shard-00000"].recompute.max_ratio <= 1
+
+
+def test_topk_and_tail_mass_must_sum_to_one(synthetic_cache):
+    out, _, _ = synthetic_cache
+    # every tail mass of shard 1 made 0.1 too large
+    _rewrite_array(out, 1, "tail_logprob", lambda a: np.log(np.exp(a) + 0.1).astype(a.dtype))
+    problems = verify_cache(out)
+    assert [(p.shard, p.field) for p in problems] == [("shard-00001", "tail_logprob")]
+    assert "Σ exp(topk_logprobs) + exp(tail_logprob) = 1.1" in str(problems[0])
+
+
+def test_cli_verify_prints_errors_per_shard_and_fails_on_a_shifted_shard(synthetic_cache):
+    from typer.testing import CliRunner
+
+    from dskd.cli import app
+
+    out, _, _ = synthetic_cache
+    r = CliRunner().invoke(app, ["cache", "verify", "--full", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "every row" in r.output and r.output.count("log-prob err") == 5
+    _rewrite_array(out, 3, "hidden", lambda a: np.roll(a, -1, axis=0))
+    r = CliRunner().invoke(app, ["cache", "verify", str(out)])
+    assert r.exit_code == 1 and "BAD shard-00003/hidden" in r.output
