@@ -37,7 +37,7 @@ from ..pipeline.cache.store import discard_uncommitted, resumable_manifest, star
 from ..pipeline.cache.writer import ExampleRows, ShardLayout, ShardWriter
 from ..pipeline.config import ConfigError, save_config
 from ..pipeline.data import BadRows, Example, load_examples
-from ..pipeline.teachers import TeacherBackend, length_batches
+from ..pipeline.teachers import TeacherBackend, checkpoint_dtype, length_batches, resolve_dtype
 from ..pipeline.teachers.head import Head, head_step
 from ..pipeline.tokenize import TokenizedExample, TokenizeError, check_tokenizer, tokenize_example
 from ..pipeline.train.distributed import barrier, cleanup, init_distributed
@@ -77,7 +77,8 @@ class CacheTeacherConfig:
     overwrite: bool = field(default=False, metadata={"help": "delete an existing cache at --out and start over"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "teacher compute dtype (auto: bf16 on GPU, fp32 on CPU)"})
+        default="auto", metadata={"help": "teacher compute dtype (auto: fp32 on CPU; bf16 on GPU, "
+                                  "fp32 where the GPU has no bf16; the manifest records it)"})
     seed: int = field(default=0, metadata={"help": "random seed of the --sampled-targets draws (all else is deterministic)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
@@ -181,6 +182,7 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
 
         own_backend = backend is None
         backend = backend or load_backend(cfg, env.device)
+        _check_backend_dtype(backend, cfg, fps)
         head = backend.head()
         stats = RunStats()
         if manifest is None and env.rank == 0:
@@ -257,11 +259,19 @@ def fingerprints(cfg: CacheTeacherConfig, tok_dir: str, examples: list[Example],
 
 
 def _compute_dtype(cfg: CacheTeacherConfig, device: torch.device) -> str:
-    if cfg.teacher_dtype != "auto":
-        return cfg.teacher_dtype
-    if cfg.backend == "vllm":
-        return "auto"
-    return "bfloat16" if device.type == "cuda" else "float32"
+    """--teacher-dtype with "auto" resolved: what the fingerprints, the manifest and the backend
+    all get (a backend left to resolve "auto" itself may pick another dtype than it says)."""
+    return resolve_dtype(cfg.teacher_dtype, device, checkpoint_dtype(cfg.teacher))
+
+
+def _check_backend_dtype(backend: Any, cfg: CacheTeacherConfig, fps: dict[str, Any]) -> None:
+    """The loaded teacher runs in the dtype the cache is about to record, or we stop."""
+    ran = str(getattr(backend, "dtype", "")).removeprefix("torch.")
+    want = fps["compute"].split("-", 1)[1]
+    if ran and ran != want:
+        raise ConfigError(f"the {cfg.backend} backend runs the teacher in {ran}, but this cache "
+                          f"records {want} (--teacher-dtype {cfg.teacher_dtype}); pass "
+                          "--teacher-dtype explicitly with a dtype this backend supports")
 
 
 def load_backend(cfg: CacheTeacherConfig, device: torch.device) -> TeacherBackend:
@@ -312,6 +322,7 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
         "architecture": getattr(backend, "arch", "?"),
         "backend": cfg.backend,
         "compute": fps["compute"],
+        "dtype": fps["compute"].split("-", 1)[1],  # the resolved --teacher-dtype
         "template": cfg.template,
         "max_prompt_len": cfg.max_prompt_len,
         "max_len": cfg.max_len,

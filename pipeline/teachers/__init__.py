@@ -14,7 +14,9 @@ A backend is any object with this shape (``hf_backend.HFTeacher``; the vLLM adap
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -54,3 +56,29 @@ def length_batches(lengths: Sequence[int], batch_tokens: int, max_batch: int = 1
     if cur:
         batches.append(cur)
     return batches
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str | None:
+    """The dtype a checkpoint's config.json says its weights are in (``torch_dtype``, or
+    ``dtype`` in newer transformers), e.g. "float32"; None when it says nothing."""
+    p = Path(model_dir) / "config.json"
+    cfg = json.loads(p.read_text()) if p.is_file() else {}
+    value = cfg.get("dtype") or cfg.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def resolve_dtype(requested: str, device: torch.device, ckpt_dtype: str | None = None,
+                  bf16_supported: bool | None = None) -> str:
+    """The teacher compute dtype for ``--teacher-dtype``, decided here so that neither backend
+    interprets "auto" itself: float32 on CPU; on GPU bfloat16 where it is supported, else float16
+    only for a float16 checkpoint, else float32. (vLLM's own "auto" turns a float32 checkpoint
+    into float16, which costs ~1e-3 nats per log-prob and overflows on some models.)"""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "float32"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if bf16_supported:
+        return "bfloat16"
+    return "float16" if ckpt_dtype == "float16" else "float32"

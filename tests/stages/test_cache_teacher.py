@@ -24,6 +24,7 @@ from dskd.pipeline.cache.quant import HiddenRangeError
 from dskd.pipeline.cache.reader import CacheReader, load_head
 from dskd.pipeline.cache.store import CacheMismatchError
 from dskd.pipeline.cache.verify import verify_cache
+from dskd.pipeline.config import ConfigError
 from dskd.pipeline.data import load_examples
 from dskd.pipeline.teachers.hf_backend import HFTeacher
 from dskd.pipeline.tokenize import tokenize_example
@@ -283,3 +284,56 @@ def test_torchrun_two_processes_writes_the_same_examples_as_one(toy_world, tmp_p
         np.testing.assert_array_equal(x.topk_ids[:, :4], y.topk_ids[:, :4])
     # same threads, same batches: even the bytes agree
     assert tree(one) == tree(two)
+
+
+# --------------------------------------------------------------------------- teacher dtype
+
+
+def test_teacher_dtype_auto_is_resolved_by_dskd_not_by_the_backend():
+    from dskd.pipeline.teachers import resolve_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu, "float32") == "float32"
+    assert resolve_dtype("auto", cpu, "bfloat16") == "float32"
+    assert resolve_dtype("auto", gpu, "float32", bf16_supported=True) == "bfloat16"
+    # no bf16 (V100, T4): never float16 for a float32 checkpoint, as vLLM's own "auto" would
+    assert resolve_dtype("auto", gpu, "float32", bf16_supported=False) == "float32"
+    assert resolve_dtype("auto", gpu, None, bf16_supported=False) == "float32"
+    assert resolve_dtype("auto", gpu, "float16", bf16_supported=False) == "float16"
+    assert resolve_dtype("float16", cpu, "float32") == "float16"  # explicit: as asked
+
+
+def test_vllm_backend_gets_the_resolved_dtype_and_the_manifest_records_it(reference, toy_world,
+                                                                          monkeypatch):
+    from dskd.pipeline.teachers import checkpoint_dtype, vllm_backend
+
+    assert checkpoint_dtype(toy_world.teacher) == "float32"
+    m = load_manifest(reference)
+    assert m["teacher"]["dtype"] == "float32" and m["teacher"]["compute"] == "cpu-float32"
+    seen = {}
+
+    class FakeVLLM:  # records what the stage hands vLLM (no engine needed)
+        def __init__(self, model_dir, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr(vllm_backend, "VLLMTeacher", FakeVLLM)
+    cfg = _cfg(toy_world, Path("unused"), backend="vllm")
+    stage.load_backend(cfg, torch.device("cpu"))
+    assert seen["dtype"] == "float32"  # not "auto": vLLM would downcast fp32 to fp16
+    fps = stage.fingerprints(cfg, str(toy_world.teacher), [], torch.device("cpu"))
+    assert fps["compute"] == "cpu-float32"
+
+
+def test_a_backend_running_another_dtype_than_recorded_is_refused(toy_world, tmp_path, monkeypatch):
+    real = stage.load_backend
+
+    def bf16_backend(cfg, device):
+        b = real(cfg, device)
+        b.dtype = torch.bfloat16  # as if the backend had decided for itself
+        return b
+
+    monkeypatch.setattr(stage, "load_backend", bf16_backend)
+    with pytest.raises(ConfigError, match="runs the teacher in bfloat16, but this cache records float32"):
+        run(_cfg(toy_world, tmp_path / "c", limit=4))
+    assert not (tmp_path / "c" / spec.MANIFEST).exists()
+

@@ -2,7 +2,9 @@
 
 Run in the vLLM venv: DSKD_REQUIRE_VLLM=1 .venv-vllm/bin/python -m pytest -m vllm tests/stages/
 Both caches are read back with the cache reader and must agree: same examples and token ids,
-hidden states within fp16 storage rounding, top-k / lse / log-probs within fp32 rounding.
+hidden states within fp16 storage rounding, top-k / lse / log-probs within fp32 rounding. The
+teacher is a float32 checkpoint cached with the default --teacher-dtype (auto): dskd must resolve
+that to float32 for vLLM too (vLLM's own "auto" would run it in float16, ~1e-3 off).
 """
 
 import importlib.util
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from dskd.pipeline.cache.reader import open_cache
 from dskd.pipeline.cache.spec import CHECKSUM
+from dskd.pipeline.teachers import checkpoint_dtype
 from dskd.stages.cache_teacher import CacheTeacherConfig, run
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU engine
@@ -26,18 +29,22 @@ def test_vllm_cache_matches_transformers_cache(toy_world, tmp_path):
         if os.environ.get("DSKD_REQUIRE_VLLM") == "1":
             pytest.fail("DSKD_REQUIRE_VLLM=1 but `import vllm` fails: the vLLM venv is broken")
         pytest.skip("vllm not installed (the vLLM tier runs in .venv-vllm)")
+    assert checkpoint_dtype(toy_world.teacher) == "float32"
     caches = {}
     for backend in ("transformers", "vllm"):
-        cfg = CacheTeacherConfig(
+        cfg = CacheTeacherConfig(  # default --teacher-dtype: auto
             teacher=str(toy_world.teacher), data=str(toy_world.train), out=str(tmp_path / backend),
             backend=backend, limit=LIMIT, shard_size=32, top_k=8, hidden_dtype="fp16",
             topk_logprobs="fp32",  # backends compared at 1e-4: keep q8's rounding out of it
-            teacher_dtype="float32", device="cpu", progress=False,
+            device="cpu", progress=False,
         )
         caches[backend] = open_cache(run(cfg))
     hf, vl = caches["transformers"], caches["vllm"]
     assert vl.manifest["teacher"]["backend"] == "vllm"
     assert hf.manifest["teacher"]["backend"] == "transformers"
+    for c in (hf, vl):  # what ran, not "auto"
+        assert c.manifest["teacher"]["dtype"] == "float32"
+        assert c.manifest["teacher"]["compute"] == "cpu-float32"
     assert len(hf) == len(vl) == LIMIT
     # Same head bytes (vLLM's read from the checkpoint, HF's from the loaded model); only the
     # transformers backend can prove hidden @ head == its own logits.
