@@ -34,6 +34,7 @@ from ..pipeline.cache.lock import WriterLock
 from ..pipeline.cache.manifest import finalize, load_commits, load_manifest
 from ..pipeline.cache.quant import codes_to_numpy, encode_hidden
 from ..pipeline.cache.store import discard_uncommitted, resumable_manifest, start_cache, write_head
+from ..pipeline.cache.tokenizer import write_tokenizer
 from ..pipeline.cache.writer import ExampleRows, ShardLayout, ShardWriter
 from ..pipeline.config import ConfigError, save_config
 from ..pipeline.data import BadRows, Example, load_examples
@@ -188,7 +189,8 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
         if manifest is None and env.rank == 0:
             probe = [t.input_ids[:-1] for _, t in kept[:PROBE_EXAMPLES]]
             stats.head_check_err = backend.check_head(probe) if hasattr(backend, "check_head") else None
-            manifest = _start(out, cfg, fps, backend, head, len(kept), stats.head_check_err)
+            manifest = _start(out, cfg, fps, backend, head, len(kept), stats.head_check_err,
+                              tok_dir)
         barrier()
         manifest = load_manifest(out)
         committed = load_commits(out)
@@ -287,8 +289,9 @@ def load_backend(cfg: CacheTeacherConfig, device: torch.device) -> TeacherBacken
 
 
 def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any, head: Head,
-           n_examples: int, check_err: float | None) -> dict[str, Any]:
-    """Head file, then the manifest header: from here on the cache exists (with no shards)."""
+           n_examples: int, check_err: float | None, tok_dir: str) -> dict[str, Any]:
+    """Head and tokenizer files, then the manifest header: from here on the cache exists (with
+    no shards)."""
     tensors = {spec.HEAD_WEIGHT: head.weight}
     if head.bias is not None:
         tensors[spec.HEAD_BIAS] = head.bias
@@ -327,7 +330,9 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
         "max_prompt_len": cfg.max_prompt_len,
         "max_len": cfg.max_len,
     }
-    return start_cache(out, fps, teacher, layout, head_info)
+    # the teacher's tokenizer travels with the cache (MinED needs it where the student trains)
+    tokenizer = write_tokenizer(out, tok_dir, cfg.teacher)
+    return start_cache(out, fps, teacher, layout, head_info, tokenizer)
 
 
 def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,

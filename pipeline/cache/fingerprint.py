@@ -14,7 +14,7 @@ from pathlib import Path
 
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
                     "tokenizer.model", "chat_template.jinja", "chat_template.json")
 _SAMPLES = 64
@@ -60,9 +60,9 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 def tokenizer_fingerprint(tokenizer_dir: str | Path) -> str:
     """Every tokenizer file present (vocab, merges, special tokens, chat template)."""
     d = Path(tokenizer_dir)
-    found = [d / n for n in _TOKENIZER_FILES if (d / n).is_file()]
+    found = [d / n for n in TOKENIZER_FILES if (d / n).is_file()]
     if not found:
-        raise FileNotFoundError(f"{d}: no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}, ...)")
+        raise FileNotFoundError(f"{d}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     h = hashlib.sha256()
     for p in found:
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")

@@ -57,7 +57,7 @@ def hash_file(path: Path) -> str:
 # --------------------------------------------------------------------------- manifest
 
 def new_manifest(fingerprints: dict[str, Any], teacher: dict[str, Any], layout: dict[str, Any],
-                 head: dict[str, Any]) -> dict[str, Any]:
+                 head: dict[str, Any], tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
     """The header written when a cache is started; shards and totals come at finalize."""
     return {
         "format": FORMAT_NAME,
@@ -67,6 +67,7 @@ def new_manifest(fingerprints: dict[str, Any], teacher: dict[str, Any], layout: 
         "teacher": teacher,
         "layout": layout,
         "head": head,
+        **({"tokenizer": tokenizer} if tokenizer else {}),
         "shards": [],
         "totals": None,
     }

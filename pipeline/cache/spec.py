@@ -7,6 +7,7 @@ Layout of a cache directory::
 
     manifest.json            format version, fingerprints, committed shards (the index)
     head.safetensors         LM head (+ bias), input embeddings: hidden → logits
+    tokenizer/               the teacher's tokenizer files (pipeline/cache/tokenizer.py)
     commits/shard-00000.json one record per committed shard (the manifest's journal)
     shards/shard-00000/      one shard = a Zarr v3 group (per-token arrays) + examples.arrow
     locks/                   writer locks (flock), config.yaml (the stage's resolved config)

@@ -32,10 +32,11 @@ from .spec import (
     CacheError,
     shard_name,
 )
+from .tokenizer import TOKENIZER_DIR
 
 # Everything a cache dir may hold; anything else means the dir is not (only) a cache.
 _OURS = {MANIFEST, HEAD_FILE, SHARDS_DIR, COMMITS_DIR, LOCKS_DIR, TMP_DIR, "config.yaml",
-         "skipped_rows.jsonl"}
+         "skipped_rows.jsonl", TOKENIZER_DIR}
 
 
 class CacheMismatchError(CacheError):
@@ -86,9 +87,11 @@ def wipe(cache_dir: Path) -> None:
 
 
 def start_cache(cache_dir: str | Path, fingerprints: dict[str, Any], teacher: dict[str, Any],
-                layout: dict[str, Any], head: dict[str, Any]) -> dict[str, Any]:
-    """Write the manifest header (after the head file): the cache now exists, with no shards."""
-    m = new_manifest(fingerprints, teacher, layout, head)
+                layout: dict[str, Any], head: dict[str, Any],
+                tokenizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the manifest header (after the head and tokenizer files): the cache now exists, with
+    no shards."""
+    m = new_manifest(fingerprints, teacher, layout, head, tokenizer)
     save_manifest(cache_dir, m)
     return m
 

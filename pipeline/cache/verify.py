@@ -33,6 +33,7 @@ from .spec import (
     chunk_rows,
     layout_fields,
 )
+from .tokenizer import TOKENIZER_DIR, check_tokenizer_files
 from .topk import decode_ids, decode_logprobs, logprob_tolerance
 
 _EPS = 1e-5  # log-probs may exceed 0 by float rounding
@@ -88,6 +89,7 @@ def check_cache(path: str | Path, checksums: bool = True,
                                 "committed; rerun the same cache-teacher command to finish it"))
     head_problems = _check_head(path, m, checksums)
     problems += head_problems
+    problems += [Problem(None, TOKENIZER_DIR, p) for p in check_tokenizer_files(path, m, checksums)]
     head = None if head_problems else _load_head(path, m)
     reports = {}
     for idx in sorted(shards):

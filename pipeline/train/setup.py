@@ -296,7 +296,7 @@ def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch
         return TeacherSide("none")
     if inp.mode == "cache":
         m = inp.manifest
-        tok = _cache_teacher_tokenizer(m, cfg.method) if needs_teacher_tokenizer(cfg) else None
+        tok = _cache_teacher_tokenizer(cfg.cache, m) if needs_teacher_tokenizer(cfg) else None
         return TeacherSide(cfg.teacher_signal, cache_head(cfg.cache, m, device), None, tok,
                            int(m["layout"]["hidden_size"]), 0,
                            m["layout"].get("sampled_temperature"))
@@ -314,14 +314,12 @@ def build_teacher_side(cfg: Any, inp: RunInputs, student_tok: Any, device: torch
                        int(model.config.get_text_config().hidden_size), tok.pad_token_id)
 
 
-def _cache_teacher_tokenizer(manifest: dict[str, Any], method: str = "mined") -> Any:
-    """The teacher's tokenizer (MinED, ETA, cross-vocabulary pinv): the cache records where its
-    teacher was."""
-    path = manifest["teacher"].get("path")
-    if not path or not Path(path).is_dir():
-        raise CacheError(f"--method {method} needs the teacher's tokenizer; the cache's teacher "
-                         f"path {path!r} is not a directory here")
-    return load_tokenizer(path)[0]
+def _cache_teacher_tokenizer(cache: str, manifest: dict[str, Any]) -> Any:
+    """The teacher's tokenizer (MinED, ETA, cross-vocabulary pinv): the cache's own copy (older
+    caches: the teacher dir it names)."""
+    from ..cache.tokenizer import teacher_tokenizer_dir
+
+    return load_tokenizer(teacher_tokenizer_dir(cache, manifest))[0]
 
 
 def student_dims(student: nn.Module) -> int:

@@ -337,3 +337,35 @@ def test_a_backend_running_another_dtype_than_recorded_is_refused(toy_world, tmp
         run(_cfg(toy_world, tmp_path / "c", limit=4))
     assert not (tmp_path / "c" / spec.MANIFEST).exists()
 
+
+# --------------------------------------------------------------------------- teacher tokenizer
+
+
+def test_the_teacher_tokenizer_travels_with_the_cache(reference, toy_world, tmp_path):
+    from dskd.pipeline.cache.fingerprint import tokenizer_fingerprint
+    from dskd.pipeline.cache.spec import CacheError
+    from dskd.pipeline.cache.tokenizer import teacher_tokenizer_dir
+
+    m = load_manifest(reference)
+    d = teacher_tokenizer_dir(reference, m)
+    assert d == reference / "tokenizer" and "tokenizer.json" in m["tokenizer"]["files"]
+    assert tokenizer_fingerprint(d) == m["fingerprints"]["tokenizer"]
+    mine, theirs = AutoTokenizer.from_pretrained(d), AutoTokenizer.from_pretrained(toy_world.teacher)
+    text = load_examples(toy_world.train, limit=1)[0].prompt
+    assert mine(text).input_ids == theirs(text).input_ids and len(mine) == len(theirs)
+    # a damaged copy is named, and verify sees it too
+    c = tmp_path / "c"
+    shutil.copytree(reference, c)
+    (c / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(CacheError, match=r"tokenizer/: tokenizer.json: size"):
+        teacher_tokenizer_dir(c, m)
+    assert str(verify_cache(c)[0]).startswith("cache/tokenizer: tokenizer.json: size")
+    # a cache written before the copy existed: its teacher dir, if it is there and the same
+    old = {k: v for k, v in m.items() if k != "tokenizer"}
+    assert teacher_tokenizer_dir(c, old) == Path(m["teacher"]["path"])
+    gone = old | {"teacher": old["teacher"] | {"path": str(tmp_path / "deleted")}}
+    with pytest.raises(CacheError, match="holds no copy of the teacher's tokenizer"):
+        teacher_tokenizer_dir(c, gone)
+    other = old | {"teacher": old["teacher"] | {"path": str(toy_world.student_xvocab)}}
+    with pytest.raises(CacheError, match="is not the one the cache was made with"):
+        teacher_tokenizer_dir(c, other)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dskd.pipeline.config import ConfigError
+from dskd.pipeline.losses.registry import METHODS
 from dskd.pipeline.train.checkpoint import list_checkpoints
 from dskd.pipeline.train.logger import read_metrics
 from dskd.pipeline.train.resume import ResumeMismatchError
@@ -646,3 +647,34 @@ def test_token_budget_batching(world, tmp_path):
     ids = [i for row in traced for i in row["ids"]]
     assert len(ids) == N_TRAIN == len(set(ids))
     assert len(traced) > N_TRAIN // 8  # short micro-batches: the budget, not a count, cut them
+
+
+@pytest.fixture(scope="module")
+def teacherless_cache(world, tmp_path_factory):
+    """A cache copied to another place, its teacher directory deleted."""
+    d = tmp_path_factory.mktemp("teacherless")
+    shutil.copytree(world["toy"].teacher, d / "teacher")
+    cache_run(CacheTeacherConfig(teacher=str(d / "teacher"), data=str(world["train"]),
+                                 out=str(d / "made"), limit=8, top_k=8, progress=False))
+    shutil.copytree(d / "made", d / "elsewhere" / "cache")
+    shutil.rmtree(d / "made")
+    shutil.rmtree(d / "teacher")
+    return d / "elsewhere" / "cache"
+
+
+_TOKENIZER_RUNS = [("mined", {}), ("dskd-eta", {}), ("dskd-cma", {"projector_init": "pinv"})]
+
+
+@pytest.mark.parametrize("method,extra", _TOKENIZER_RUNS + [
+    pytest.param(m, {}, marks=pytest.mark.slow) for m in METHODS if (m, {}) not in _TOKENIZER_RUNS])
+def test_a_copied_cache_without_its_teacher_trains_every_method(world, teacherless_cache, tmp_path,
+                                                                method, extra):
+    """The cache carries what every method needs (MinED, ETA, cross-vocabulary pinv: the
+    teacher's tokenizer), so each trains from a copy whose teacher directory is gone. The
+    methods that read the teacher's tokenizer run in the default tier, the rest in the slow one."""
+    cross_vocab = ("dskd-cma", "dskd-eta", "uld", "mined")  # the others need the same vocab
+    student = "student_xvocab" if method in cross_vocab else "student"
+    run(cfg(world, tmp_path / "r", cache=str(teacherless_cache), method=method, max_steps=1,
+            batch_size=2, student=str(getattr(world["toy"], student)), **extra))
+    assert len(train_rows(tmp_path / "r")) == 1
+    assert (tmp_path / "r" / "final" / "model.safetensors").is_file()
