@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+
 from dskd.pipeline.cache.reader import open_cache
 from dskd.pipeline.cache.spec import CHECKSUM
 from dskd.pipeline.teachers import checkpoint_dtype
