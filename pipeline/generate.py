@@ -32,15 +32,35 @@ class ModelLoadError(ValueError):
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """Fail early (before any loading) when a model dir is missing or is not an HF model."""
+    """Fail early (before any loading) when a model dir is missing or is not an HF model (or a
+    LoRA adapter dir whose base model is here)."""
     p = Path(model_dir)
     if not p.is_dir():
         raise ModelLoadError(f"model dir {p} does not exist. Give a directory written by "
                              "save_pretrained (config.json + weights + tokenizer).")
+    if adapter_base(p) is not None:
+        return p
     if not (p / "config.json").is_file():
         raise ModelLoadError(f"model dir {p} has no config.json; is it a save_pretrained dir? "
                              "(for a training run, point at its checkpoint, e.g. RUN/final)")
     return p
+
+
+def adapter_base(model_dir: Path) -> Path | None:
+    """The base model dir of a LoRA adapter dir (peft's adapter_config.json, no config.json), as
+    a LoRA run's checkpoints hold; None for a full model dir."""
+    conf = model_dir / "adapter_config.json"
+    if (model_dir / "config.json").is_file() or not conf.is_file():
+        return None
+    import json
+
+    base = json.loads(conf.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ModelLoadError(f"LoRA adapter {model_dir}: its base model {base!r} "
+                             "(adapter_config.json: base_model_name_or_path) is not a model dir "
+                             "here; run from where the run was trained, or evaluate the run's "
+                             "final/ (LoRA merged)")
+    return Path(base)
 
 
 def load_tokenizer(model_dir: str | Path, padding_side: str = "right") -> tuple[Any, list[str]]:
@@ -62,7 +82,15 @@ def load_model(model_dir: str | Path, device: str = "cpu",
     p = check_model_dir(model_dir)
     tok, _ = load_tokenizer(p, padding_side="left")  # pad = EOS when missing; pads are masked
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch_dtype).to(device)
+    base = adapter_base(p)
+    model = AutoModelForCausalLM.from_pretrained(str(base or p), dtype=torch_dtype)
+    if base is not None:  # a LoRA checkpoint: the base plus the adapter, merged for speed
+        from peft import PeftModel
+
+        if len(tok) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tok))  # as training did (EOS/pad added)
+        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    model = model.to(device)
     model.eval()
     return model, tok
 

@@ -17,21 +17,28 @@ import json
 import platform
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, UTC
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from dskd.pipeline import generate as gen
 from dskd.pipeline import metrics, plots
 from dskd.pipeline.config import atomic_write_text, save_config
 from dskd.pipeline.data import BadRows, DataError, Example, load_examples
+from dskd.pipeline.train.checkpoint import CKPT_SUBDIR, best_info
 
 from . import report as report_mod
 
@@ -47,7 +54,8 @@ class EvalError(ValueError):
 @dataclass
 class EvalConfig:
     model: list[str] = field(default_factory=list, metadata={
-        "help": "model dir (save_pretrained, with tokenizer); repeat for several models"})
+        "help": "model dir (save_pretrained, with tokenizer), LoRA checkpoint, or distill run "
+                "dir (its best checkpoint, else final/); repeat for several models"})
     data: list[str] = field(default_factory=list, metadata={
         "help": "eval set file (jsonl/json/parquet/csv/HF dir); repeat for several sets"})
     out: str = field(default="", metadata={"help": "output dir"})
@@ -97,12 +105,34 @@ _FINAL = re.compile(r"^(final|best|last|latest)$")
 _STEP = re.compile(r"^(?:step|checkpoint|global_step)-?0*(\d+)$")
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A distill checkpoint dir (RUN/checkpoints/step-N) holds its HF model in `student/`."""
+def resolve_model(path: str | Path) -> tuple[Path, str | None]:
+    """The model dir `--model PATH` evaluates, and a note saying which when PATH is a run dir.
+
+    A distill checkpoint dir (RUN/checkpoints/step-N) holds its model in `student/` (LoRA: the
+    adapter). A run dir gives its best checkpoint when the run selected one
+    (checkpoints/best.json: best validation ROUGE-L with --eval-rouge, else validation CE), as
+    the paper evaluates; otherwise its final/.
+    """
     p = Path(path)
-    if not (p / "config.json").is_file() and (p / "student" / "config.json").is_file():
-        return p / "student"
-    return p
+    if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return p, None
+    if (p / "student").is_dir():
+        return p / "student", None
+    if not ((p / "final").is_dir() or (p / CKPT_SUBDIR).is_dir()):
+        return p, None
+    best, why = best_info(p), "the run selected no best checkpoint"
+    if best is not None:
+        d = p / CKPT_SUBDIR / best["checkpoint"] / "student"
+        if d.is_dir():
+            return d, (f"{p}: evaluating {CKPT_SUBDIR}/{best['checkpoint']}, the run's best "
+                       f"checkpoint ({best['metric']} {best['value']:.4g} at step {best['step']}); "
+                       f"give {p / 'final'} for the last step")
+        why = f"its best checkpoint {best['checkpoint']} is gone"
+    return p / "final", f"{p}: evaluating final/ ({why})"
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    return resolve_model(path)[0]
 
 
 def model_display_name(model_dir: str | Path) -> str:
@@ -161,7 +191,10 @@ def check_inputs(cfg: EvalConfig) -> None:
         problems.append("--max-new-tokens, --max-prompt-len and --batch-size must be ≥ 1")
     for m in cfg.model:
         try:
-            gen.check_model_dir(resolve_model_dir(m))
+            d = gen.check_model_dir(resolve_model_dir(m))
+            if cfg.backend == "vllm" and gen.adapter_base(d) is not None:
+                problems.append(f"--backend vllm cannot load the LoRA adapter {d}; use --backend "
+                                "transformers, or evaluate the run's final/ (LoRA merged)")
         except gen.ModelLoadError as e:
             problems.append(str(e))
     for d in cfg.data:
@@ -216,7 +249,8 @@ def set_names(cfg: EvalConfig) -> list[str]:
 
 
 def model_names(cfg: EvalConfig) -> list[str]:
-    return list(cfg.model_name) if cfg.model_name else [model_display_name(m) for m in cfg.model]
+    return list(cfg.model_name) if cfg.model_name else [model_display_name(resolve_model_dir(m))
+                                                         for m in cfg.model]
 
 
 def load_eval_set(path: str, cfg: EvalConfig, out_dir: Path, tokenizer: Any = None) -> list[Example]:
@@ -342,7 +376,11 @@ def run(cfg: EvalConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
     names, mnames = set_names(cfg), model_names(cfg)
-    model_dirs = [resolve_model_dir(m) for m in cfg.model]
+    resolved = [resolve_model(m) for m in cfg.model]
+    model_dirs = [d for d, _ in resolved]
+    for _, note in resolved:
+        if note:
+            console.print(f"[yellow]model:[/] {note}")
     seeds = _seeds(cfg)
     protocol = _protocol(cfg)
 
@@ -352,9 +390,10 @@ def run(cfg: EvalConfig) -> Path:
         sets = {n: load_eval_set(d, cfg, out) for n, d in zip(names, cfg.data)}
 
     models_info: dict[str, Any] = {}
-    for mname, mdir in zip(mnames, model_dirs):
+    for mname, given, (mdir, note) in zip(mnames, cfg.model, resolved):
         run_metrics = plots.find_run_metrics(mdir, levels_up=3 if mdir.name == "student" else 2)
-        models_info[mname] = {"path": str(mdir), "fingerprint": model_fingerprint(mdir),
+        models_info[mname] = {"path": str(mdir), "given": given, "selection": note,
+                              "fingerprint": model_fingerprint(mdir),
                               "metrics_jsonl": str(run_metrics) if run_metrics else None,
                               "train_template": training_template(mdir)}
         if models_info[mname]["train_template"] not in (None, cfg.template):

@@ -269,6 +269,41 @@ def test_training_curves_found_next_to_checkpoint(toy_world, tmp_path):
     assert "training_curves.png" in (out / "report.md").read_text()
 
 
+def test_a_run_dir_gives_its_best_checkpoint_and_lora_adapters_are_evaluable(toy_world, tmp_path,
+                                                                            capsys):
+    """`--model RUN_DIR` takes the checkpoint the run selected (best.json) and says so, else
+    final/; a LoRA checkpoint (adapter only) generates exactly what the merged final/ does."""
+    from dskd.stages.distill import DistillConfig
+    from dskd.stages.distill import run as distill
+
+    rd = tmp_path / "run-lora"
+    distill(DistillConfig(student=str(toy_world.student), out=str(rd), method="sft",
+                          data=str(toy_world.train), valid_data=str(toy_world.valid), limit=16,
+                          lora=True, lora_r=4, batch_size=4, max_steps=4, eval_interval=2,
+                          save_interval=2, keep_last=1, num_workers=0, tensorboard=False))
+    best = json.loads((rd / "checkpoints" / "best.json").read_text())
+    last = rd / "checkpoints" / "step-00000004"
+    assert (last / "student" / "adapter_config.json").is_file()
+    assert not (last / "student" / "config.json").exists()
+    out = tmp_path / "e"
+    ev.run(_cfg(toy_world, out, model=[str(rd), str(last), str(rd / "final")],
+                model_name=["run", "adapter", "final"], data=[str(toy_world.valid)],
+                decoding="greedy", limit=3, max_new_tokens=8))
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"evaluating checkpoints/{best['checkpoint']}, the run's best checkpoint" in err
+    models = json.loads((out / "results.json").read_text())["models"]
+    assert models["run"]["path"] == str(rd / "checkpoints" / best["checkpoint"] / "student")
+    assert best["metric"] in models["run"]["selection"] and models["final"]["selection"] is None
+    assert models["adapter"]["fingerprint"] != models["final"]["fingerprint"]
+    gens = {}
+    for g in _gens(out):
+        gens.setdefault(g["model"], {})[g["id"]] = g["text"]
+    assert gens["adapter"] == gens["final"]  # step 4 as an adapter == step 4 merged
+    (rd / "checkpoints" / "best.json").unlink()  # a run that selected nothing: its final/
+    path, note = ev.resolve_model(rd)
+    assert path == rd / "final" and "selected no best checkpoint" in note
+
+
 def test_report_merges_runs_side_by_side(evaluated, toy_world, tmp_path):
     other = tmp_path / "other"
     ev.run(_cfg(toy_world, other, model=[str(toy_world.teacher)], data=[str(toy_world.valid)],
