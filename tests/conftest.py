@@ -39,3 +39,35 @@ def shared_dir() -> Path:
             f"shared material not found at {path}: set DSKD_SHARED_DIR or place shared/ beside the repo"
         )
     return path
+
+
+@pytest.fixture
+def torchrun_two_nodes():
+    """Run `torchrun ... ARGS` as two nodes on this machine: two agents (each `--nnodes 2
+    --nproc-per-node N`) meeting through a c10d rendezvous on 127.0.0.1, as on a cluster.
+    Returns a function (args, env, nproc=1) that waits for both and fails with their stderr."""
+    import socket
+    import subprocess
+    import sys
+    import uuid
+
+    def launch(args: list[str], env: dict[str, str], nproc: int = 1, timeout: int = 900) -> None:
+        with socket.socket() as s:  # a free port for the rendezvous store
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+               "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex[:8],
+               *args]
+        nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        try:
+            outs = [p.communicate(timeout=timeout) for p in nodes]
+        finally:
+            for p in nodes:
+                if p.poll() is None:
+                    p.kill()
+        for p, (_, err) in zip(nodes, outs):
+            assert p.returncode == 0, err[-3000:]
+
+    return launch

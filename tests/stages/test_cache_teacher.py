@@ -369,3 +369,15 @@ def test_the_teacher_tokenizer_travels_with_the_cache(reference, toy_world, tmp_
     other = old | {"teacher": old["teacher"] | {"path": str(toy_world.student_xvocab)}}
     with pytest.raises(CacheError, match="is not the one the cache was made with"):
         teacher_tokenizer_dir(c, other)
+
+
+@pytest.mark.slow
+def test_two_nodes_write_the_same_cache_bytes_as_one(toy_world, tmp_path, torchrun_two_nodes):
+    """`torchrun --nnodes 2` (two agents, c10d rendezvous on 127.0.0.1, one process each): each
+    node's rank writes its own shards, rank 0 the manifest; every byte equals one process's."""
+    script, env = _script(toy_world, tmp_path, 20), _subprocess_env()
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(script), str(one)], env=env, check=True)
+    torchrun_two_nodes([str(script), str(two)], env)
+    assert verify_cache(two) == []
+    assert tree(one) == tree(two)

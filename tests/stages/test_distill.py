@@ -591,6 +591,24 @@ def test_torchrun_two_processes_match_one(world, tmp_path, fsdp):
 
 
 @pytest.mark.slow
+def test_two_nodes_match_one(world, tmp_path, torchrun_two_nodes):
+    """`torchrun --nnodes 2` (two agents, c10d rendezvous on 127.0.0.1), 1 process × batch 4
+    per node == 1 process × batch 8: same losses and weights, across an epoch boundary."""
+    steps = 7
+    one = _args(world, tmp_path / "one", **{"batch-size": 8, "max-steps": steps, "save-interval": 3})
+    two = _args(world, tmp_path / "two", **{"batch-size": 4, "max-steps": steps, "save-interval": 3,
+                                            "num-workers": 1})
+    subprocess.run(_cli(*one), check=True, env=ENV, capture_output=True)
+    torchrun_two_nodes(["-m", "dskd.cli", "distill", *two], ENV)
+    a, b = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["label_tokens"] == x["label_tokens"]
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+@pytest.mark.slow
 def test_torchrun_resume_after_kill(world, tmp_path):
     two = _args(world, tmp_path / "two", **{"max-steps": 6, "save-interval": 2})
     _torchrun(2, two)
