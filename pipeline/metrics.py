@@ -8,6 +8,7 @@ them token-weighted over any number of examples); `stages/evaluate.py` feeds the
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import string
@@ -205,6 +206,42 @@ def _tokenize_like_cache(tokenizer: Any, ex: Any, limits: tuple[int, int]
     return list(t.input_ids), t.prompt_len
 
 
+def _student_logits(model: torch.nn.Module, seqs: Sequence[Sequence[int]],
+                    pad_id: int) -> list[torch.Tensor]:
+    """(n-1, V) float logits over each sequence's first n-1 tokens, from one right-padded
+    forward: padding sits after every real token, so it never changes a real position."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in seqs) - 1
+    x = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for b, ids in enumerate(seqs):
+        x[b, : len(ids) - 1] = torch.tensor(ids[:-1])
+        mask[b, : len(ids) - 1] = 1
+    logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+    return [logits[b, : len(ids) - 1].float() for b, ids in enumerate(seqs)]
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _response_labels(ids: Sequence[int], plen: int, device: torch.device) -> torch.Tensor:
+    labels = torch.tensor(ids[1:], device=device)  # (n-1,) already shifted
+    labels[: plen - 1] = -100
+    return labels
+
+
 @torch.no_grad()
 def heldout_nll(examples: Sequence[Any], model: torch.nn.Module, tokenizer: Any, *,
                 max_prompt_len: int = 256, max_len: int = 512,
@@ -212,13 +249,11 @@ def heldout_nll(examples: Sequence[Any], model: torch.nn.Module, tokenizer: Any,
     """Token-weighted NLL/PPL of each example's response given its prompt (no generation).
 
     Tokenized as training does, under `max_prompt_len`/`max_len` (pass a cache's limits to match
-    `cache_fidelity`'s NLL); an example that does not fit is counted in `skipped`. Right-padded
-    batches, so padding never shifts a real position.
+    `cache_fidelity`'s NLL); an example that does not fit is counted in `skipped`.
     """
     from .tokenize import TokenizeError, tokenize_text
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kept = []
     for ex in examples:
         try:
@@ -227,19 +262,10 @@ def heldout_nll(examples: Sequence[Any], model: torch.nn.Module, tokenizer: Any,
             continue
         kept.append((list(t.input_ids), t.prompt_len))
     nll: dict[str, float] = {}
-    for i in range(0, len(kept), batch_size):
-        batch = kept[i:i + batch_size]
-        width = max(len(ids) for ids, _ in batch) - 1
-        x = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)  # (B, T), shifted
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, (ids, plen) in enumerate(batch):
-            n = len(ids) - 1
-            x[b, :n] = torch.tensor(ids[:-1])
-            mask[b, :n] = 1
-            labels[b, plen - 1:n] = torch.tensor(ids[plen:])
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        add_sums(nll, response_nll(logits.flatten(0, 1), labels.flatten().to(device)))
+    for chunk in _chunks(kept, batch_size):
+        logits = _student_logits(model, [ids for ids, _ in chunk], _pad_id(tokenizer))
+        for (ids, plen), s_logits in zip(chunk, logits):
+            add_sums(nll, response_nll(s_logits, _response_labels(ids, plen, device)))
     out = finalize_fidelity({}, nll)
     return {"nll": out["nll"], "ppl": out["ppl"], "nll_tokens": out.get("nll_tokens", 0),
             "examples": len(kept), "skipped": len(examples) - len(kept)}
@@ -258,6 +284,7 @@ def cache_fidelity(
     head_bias: torch.Tensor | None = None,
     logit_scale: float = 1.0,
     limit: int | None = None,
+    batch_size: int = 16,
 ) -> dict[str, Any]:
     """Student vs cached teacher on response positions: KL(T‖S), top-1 agreement, NLL, PPL.
 
@@ -273,31 +300,30 @@ def cache_fidelity(
     fid: dict[str, float] = {}
     nll: dict[str, float] = {}
     n = skipped = 0
-    for ex in examples:
-        if limit is not None and n >= limit:
-            break
-        n += 1
-        mine = _tokenize_like_cache(tokenizer, ex, (max_prompt_len, max_len))
-        if mine is None:  # the student cannot fit this example in the cache's limits
-            skipped += 1 if same_vocab else 0
+    # the student runs on `batch_size` rows at once (right-padded); the rest is per example
+    for chunk in _chunks(itertools.islice(examples, limit), batch_size):
+        n += len(chunk)
+        fitted = [(ex, _tokenize_like_cache(tokenizer, ex, (max_prompt_len, max_len)))
+                  for ex in chunk]
+        # an example the student cannot fit in the cache's limits
+        skipped += sum(mine is None for _, mine in fitted) if same_vocab else 0
+        fitted = [(ex, mine) for ex, mine in fitted if mine is not None]
+        if not fitted:
             continue
-        ids, plen = mine
-        x = torch.tensor(ids[:-1], device=device)[None]  # (1, n-1)
-        s_logits = model(input_ids=x).logits[0].float()  # (n-1, V_s)
-        labels = torch.tensor(ids[1:], device=device)  # (n-1,) already shifted
-        labels[: plen - 1] = -100
-        add_sums(nll, response_nll(s_logits, labels))
-        if not same_vocab or ex.hidden is None:
-            continue
-        if ids != [int(i) for i in ex.input_ids] or plen != int(ex.prompt_len):
-            skipped += 1
-            continue
-        rows = torch.as_tensor(ex.label_mask, device=device)  # (n-1,) response positions
-        h = torch.as_tensor(ex.hidden, device=device)[rows]  # (R, D_t)
-        t_logits = F.linear(h.to(head_weight.dtype), head_weight,
-                            head_bias).float() * logit_scale  # (R, V_t)
-        v = min(t_logits.shape[-1], s_logits.shape[-1])
-        add_sums(fid, token_fidelity(t_logits[:, :v], s_logits[rows][:, :v]))
+        logits = _student_logits(model, [mine[0] for _, mine in fitted], _pad_id(tokenizer))
+        for (ex, (ids, plen)), s_logits in zip(fitted, logits):  # s_logits: (n-1, V_s)
+            add_sums(nll, response_nll(s_logits, _response_labels(ids, plen, device)))
+            if not same_vocab or ex.hidden is None:
+                continue
+            if ids != [int(i) for i in ex.input_ids] or plen != int(ex.prompt_len):
+                skipped += 1
+                continue
+            rows = torch.as_tensor(ex.label_mask, device=device)  # (n-1,) response positions
+            h = torch.as_tensor(ex.hidden, device=device)[rows]  # (R, D_t)
+            t_logits = F.linear(h.to(head_weight.dtype), head_weight,
+                                head_bias).float() * logit_scale  # (R, V_t)
+            v = min(t_logits.shape[-1], s_logits.shape[-1])
+            add_sums(fid, token_fidelity(t_logits[:, :v], s_logits[rows][:, :v]))
     if n == 0:
         raise ValueError("the cache has no examples to measure fidelity on")
     out: dict[str, Any] = finalize_fidelity(fid if same_vocab else {}, nll)

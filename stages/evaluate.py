@@ -564,7 +564,8 @@ def cache_fidelity(cfg: EvalConfig, model_dir: Path, generator: _Generator | Non
     out = metrics.cache_fidelity(
         reader, head["lm_head.weight"], model, tok, same_vocab=same,
         max_prompt_len=max_prompt_len, max_len=max_len, head_bias=head.get("lm_head.bias"),
-        logit_scale=float(manifest.get("head", {}).get("logit_scale", 1.0)), limit=cfg.limit)
+        logit_scale=float(manifest.get("head", {}).get("logit_scale", 1.0)), limit=cfg.limit,
+        batch_size=cfg.batch_size)
     out["vocabulary"] = how
     return out
 
