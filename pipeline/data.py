@@ -10,12 +10,16 @@ Schemas are detected from column names, or given with ``--field-map`` (canonical
 =============  =====================================================  ===========================
 schema         columns                                                 canonical fields
 =============  =====================================================  ===========================
-dolly          instruction, context?, response, references?            instruction, context, response
+dolly          instruction, context?, response, references?, probs?    instruction, context, response
 alpaca         instruction, input?, output                             instruction, context, response
 dskd           prompt (already rendered), output (str or list)         prompt, response
 chat           messages [{role, content}], last one the assistant's    messages
 self-instruct  instruction, instances [{input, output}]                instruction, context, response
 =============  =====================================================  ===========================
+
+``probs`` (optional, any schema through ``--field-map``) is the true probability of each
+reference given the prompt, in the references' order: data that knows its answer distribution
+(the toy world does) gets exact metrics against the truth in eval (``pipeline/truth.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ DSKD_TEMPLATE_WITH_INPUT = (
 SCHEMAS: dict[str, dict[str, str]] = {
     # canonical field -> source column
     "dolly": {"instruction": "instruction", "context": "context", "response": "response",
-              "references": "references"},
+              "references": "references", "probs": "probs"},
     "alpaca": {"instruction": "instruction", "context": "input", "response": "output"},
     "dskd": {"prompt": "prompt", "response": "output"},
     "chat": {"messages": "messages"},
@@ -62,7 +66,8 @@ _REQUIRED = {
     "chat": {"messages"},
     "self-instruct": {"instruction", "instances"},
 }
-CANONICAL = ("instruction", "context", "response", "references", "prompt", "messages", "instances")
+CANONICAL = ("instruction", "context", "response", "references", "probs", "prompt", "messages",
+             "instances")
 
 
 class DataError(ValueError):
@@ -78,6 +83,7 @@ class Example:
     response: str
     references: tuple[str, ...]
     row: int  # 0-based row number in the source file
+    probs: tuple[float, ...] | None = None  # true p(reference | prompt), when the data knows it
 
 
 @dataclass
@@ -231,6 +237,22 @@ class _Bad(Exception):
     pass
 
 
+def _probs(value: Any, n_refs: int) -> tuple[float, ...] | None:
+    """True reference probabilities: one per reference, each ≥ 0, summing to at most 1."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+            isinstance(p, (int, float)) and not isinstance(p, bool) for p in value):
+        raise _Bad("field 'probs' must be a list of numbers, one per reference")
+    if len(value) != n_refs:
+        raise _Bad(f"field 'probs' has {len(value)} values for {n_refs} references; "
+                   "give one probability per reference, in the same order")
+    if not all(0.0 <= p <= 1.0 for p in value) or not 0.0 < sum(value) <= 1.0 + 1e-6:
+        raise _Bad(f"field 'probs' must be probabilities in [0, 1] with a sum in (0, 1] "
+                   f"(sum {sum(value):.6g})")
+    return tuple(float(p) for p in value)
+
+
 def _canonical(raw: Any, fmap: dict[str, str], row: int) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise _Bad(f"row is a {type(raw).__name__}, expected an object")
@@ -363,19 +385,21 @@ def load_examples(
             if not isinstance(refs, list):
                 raise _Bad("field 'references' must be a list of strings")
             refs = [_text(row, "references", r, True) for r in refs]
+            probs = _probs(f.get("probs"), len(refs))
             prompt = render_prompt(f, template, chat)
             if not prompt.strip():
                 raise _Bad("the rendered prompt is empty")
         except _Bad as e:
             bad.handle(row, str(e), raw)
             continue
-        eid = example_id({k: v for k, v in f.items() if k != "references"} | {"references": refs})
+        eid = example_id({k: v for k, v in f.items() if k not in ("references", "probs")}
+                         | {"references": refs})
         if eid in seen:  # exact duplicate rows keep distinct, still deterministic ids
             seen[eid] += 1
             eid = f"{eid}-{seen[eid]}"
         else:
             seen[eid] = 0
-        examples.append(Example(eid, prompt, response, tuple(refs), row))
+        examples.append(Example(eid, prompt, response, tuple(refs), row, probs))
     if not examples and not bad.skipped:
         raise DataError(f"{path}: no examples found (the file is empty)")
     if not examples:

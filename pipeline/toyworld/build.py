@@ -1,28 +1,38 @@
-"""Write a whole toy world (data, two tokenizer families, tiny models) to one directory.
+"""Write a whole toy world (data, three tokenizer families, tiny models) to one directory.
 
 Layout under `root`::
 
     toyworld.json                 what was built (written last; its presence = complete world)
-    data/{train,valid,test}.jsonl Dolly schema + `references` (see tasks.py)
-    tokenizers/{bpe,unigram}/     HF fast tokenizers (see vocab.py)
+    data/{train,valid,test}.jsonl Dolly schema + `references` + true `probs` (see tasks.py)
+    data/teacher_train.jsonl      teacher-only pretraining rows + train (presets with `pretrain`)
+    tokenizers/{bpe,spbpe,unigram}/  HF fast tokenizers (see vocab.py)
     models/teacher/               Llama, bpe vocab           (the teacher)
     models/student/               Llama, bpe vocab           (same-vocab student)
     models/student_gpt2/          GPT-2, bpe vocab           (same-vocab student, other arch)
-    models/student_xvocab/        GPT-2, unigram vocab       (cross-vocab student)
+    models/student_xvocab/        Llama, spbpe vocab         (cross-vocab student, same arch)
+    models/student_unigram/       GPT-2, unigram vocab       (cross-vocab stress variant)
 
-Presets (params for seed 0, whose vocabularies are bpe 1872 / unigram 1024; bpe is ~1.9k for
-other seeds, and unigram can land below 1024 where the trainer's pruning overshoots):
+Presets (train/valid/test rows; `pretrain` rows only the teacher sees):
 
-    preset  train/valid/test  teacher (Llama, bpe)            students (D=128, tied embeddings)
-    tiny     600/100/100      D=256 L=2 ff=512  4 heads 2.27M  L=2 ff=256 2 heads 0.46–0.57M
-    small   3000/300/300      D=256 L=4 ff=768  4 heads 4.37M  L=3 ff=384 2 heads 0.69–0.88M
+    preset    pretrain  train/valid/test  teacher (Llama, bpe)     students (L=2 ff=256, tied)
+    tiny             0     600/100/100    D=256 L=2 ff=512 2.27M   D=128 (2 heads) 0.43–0.57M
+    small         5000     300/200/200    D=128 L=2 ff=512 1.0M    D=64 (1 head)  0.19–0.25M
+    evidence     20000     300/300/300    D=128 L=2 ff=512 1.0M    D=64 (1 head)  0.19–0.25M
 
-Texts are ~17 bpe / ~28 unigram tokens on average (instruction + context + response, max ~56).
-A build takes about a second on 2 CPU cores (plus ~2 s to import transformers).
+The teacher's edge in small/evidence is what it has seen (~70x the students' rows) and 4x the
+parameters; both are sized so the whole evidence run fits 2 CPU cores.
 
-Tokenizers are trained on a preset-independent sample of 2000 generated examples, so `tiny`
-and `small` worlds of one seed share vocabularies. The models are random-init: a quickstart
-fine-tunes the teacher on `train` before caching it. Same seed → byte-identical files.
+`small` and `evidence` mimic the paper's regime: a teacher that knows much more than the small
+distillation split it shares with the students. Their valid/test prompts are a tenth of the
+prompt space each (split by prompt, not row), so test prompts are unseen and varied.
+
+Every build checks the realistic cross-vocab pair against the teacher's tokenizer on the train
+responses (label tokens incl. eos: `spbpe`/`bpe` ratio in [1.05, 1.3]; boundary agreement, the
+Jaccard index of token end offsets, ≥ 0.7) and records both numbers for every family.
+
+Tokenizers are trained on a preset-independent sample of 2000 generated examples, so worlds of
+one seed share vocabularies. The models are random-init: a quickstart fine-tunes the teacher on
+`teacher_train` before caching it. Same seed → byte-identical files.
 """
 
 from __future__ import annotations
@@ -36,15 +46,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
 from dskd.pipeline.data import DSKD_TEMPLATE, DSKD_TEMPLATE_WITH_INPUT
 from dskd.pipeline.toyworld.models import ModelSpec, build_model
 from dskd.pipeline.toyworld.tasks import make_splits, toy_examples
 from dskd.pipeline.toyworld.vocab import train_tokenizer
-from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 FORMAT = "dskd-toyworld"
-VERSION = 2  # bump when generated content changes, so old worlds get rebuilt
+VERSION = 3  # bump when generated content changes, so old worlds get rebuilt
 MANIFEST = "toyworld.json"
 TOKENIZER_CORPUS_EXAMPLES = 2000
 TEMPLATE_TEXTS = [DSKD_TEMPLATE.format(instruction=""),
@@ -53,31 +64,44 @@ TEMPLATE_REPEATS = 300
 MAX_POSITIONS = 512
 
 
+TEACHER_FAMILY = "bpe"
+REALISTIC_PAIR = "spbpe"  # checked at build time against TEACHER_FAMILY
+LABEL_TOKEN_RATIO = (1.05, 1.3)
+MIN_BOUNDARY_AGREEMENT = 0.7
+VOCAB = {"bpe": 2048, "spbpe": 1152, "unigram": 1024}
+
+
 @dataclass(frozen=True)
 class Preset:
-    sizes: dict[str, int]  # split name -> rows
-    vocab: dict[str, int]  # tokenizer family -> target vocab size
+    sizes: dict[str, int]  # split name -> rows; "pretrain" = teacher-only rows
     models: dict[str, tuple[ModelSpec, str]]  # model name -> (spec, tokenizer family)
+    prompt_shares: dict[str, float] | None = None  # split -> share of prompts (default: sizes)
 
 
-def _students(layers: int, ff: int) -> dict[str, tuple[ModelSpec, str]]:
+def _students(hidden: int, layers: int, ff: int) -> dict[str, tuple[ModelSpec, str]]:
     return {
-        "student": (ModelSpec("llama", 128, layers, ff, tie_embeddings=True), "bpe"),
-        "student_gpt2": (ModelSpec("gpt2", 128, layers, ff, tie_embeddings=True), "bpe"),
-        "student_xvocab": (ModelSpec("gpt2", 128, layers, ff, tie_embeddings=True), "unigram"),
+        "student": (ModelSpec("llama", hidden, layers, ff, tie_embeddings=True), "bpe"),
+        "student_gpt2": (ModelSpec("gpt2", hidden, layers, ff, tie_embeddings=True), "bpe"),
+        "student_xvocab": (ModelSpec("llama", hidden, layers, ff, tie_embeddings=True), "spbpe"),
+        "student_unigram": (ModelSpec("gpt2", hidden, layers, ff, tie_embeddings=True), "unigram"),
     }
 
 
+_PAPER_SHARES = {"pretrain": 0.6, "train": 0.2, "valid": 0.1, "test": 0.1}
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         sizes={"train": 600, "valid": 100, "test": 100},
-        vocab={"bpe": 2048, "unigram": 1024},
-        models={"teacher": (ModelSpec("llama", 256, 2, 512), "bpe"), **_students(2, 256)},
+        models={"teacher": (ModelSpec("llama", 256, 2, 512), "bpe"), **_students(128, 2, 256)},
     ),
     "small": Preset(
-        sizes={"train": 3000, "valid": 300, "test": 300},
-        vocab={"bpe": 2048, "unigram": 1024},
-        models={"teacher": (ModelSpec("llama", 256, 4, 768), "bpe"), **_students(3, 384)},
+        sizes={"pretrain": 5000, "train": 300, "valid": 200, "test": 200},
+        models={"teacher": (ModelSpec("llama", 128, 2, 512), "bpe"), **_students(64, 2, 256)},
+        prompt_shares=_PAPER_SHARES,
+    ),
+    "evidence": Preset(
+        sizes={"pretrain": 20000, "train": 300, "valid": 300, "test": 300},
+        models={"teacher": (ModelSpec("llama", 128, 2, 512), "bpe"), **_students(64, 2, 256)},
+        prompt_shares=_PAPER_SHARES,
     ),
 }
 
@@ -92,11 +116,13 @@ class ToyWorld:
     train: Path
     valid: Path
     test: Path
-    tokenizers: dict[str, Path]  # "bpe", "unigram"
+    teacher_train: Path  # teacher-only pretraining rows + train (= train without a pretrain split)
+    tokenizers: dict[str, Path]  # "bpe", "spbpe", "unigram"
     teacher: Path  # Llama, bpe
     student: Path  # Llama, bpe (same vocab as teacher)
     student_gpt2: Path  # GPT-2, bpe
-    student_xvocab: Path  # GPT-2, unigram (cross-vocab)
+    student_xvocab: Path  # Llama, spbpe (cross-vocab, realistic granularity)
+    student_unigram: Path  # GPT-2, unigram (cross-vocab stress variant)
 
     @classmethod
     def load(cls, root: Path) -> ToyWorld:
@@ -140,6 +166,21 @@ def _model_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:6], "big")
 
 
+def fresh_student(world: ToyWorld, name: str, seed: int, out_dir: Path) -> Path:
+    """A new random init of the world's model `name` under `seed` (paired-seed experiments:
+    each seed's students start from their own init). Reused when already written."""
+    spec, family = PRESETS[world.preset].models[name]
+    out_dir = Path(out_dir)
+    if not (out_dir / "model.safetensors").is_file():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_hf():
+            build_model(spec, world.tokenizers[family], tmp, _model_seed(seed, f"{name}:init"))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -171,22 +212,64 @@ def _token_stats(tokenizer_dir: Path, rows: list[dict]) -> dict[str, float]:
     return {"mean": round(sum(lens) / len(lens), 2), "max": max(lens)}
 
 
+def _ends(tok, texts: list[str]) -> list[list[int]]:
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [[e for _, e in offs] for offs in enc]
+
+
+def pair_granularity(teacher_dir: Path, other_dir: Path, responses: list[str]) -> dict[str, float]:
+    """How `other` segments responses against the teacher's tokenizer.
+
+    label_token_ratio: label tokens (response + eos) of `other` / of the teacher;
+    boundary_agreement: Jaccard index of the two sets of token end offsets, pooled.
+    Real pairs on these responses: GPT-2/Qwen2 1.12 and 0.82, GPT-2/Mistral 1.24 and 0.77.
+    """
+    t_tok, o_tok = AutoTokenizer.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(other_dir)
+    t_ends, o_ends = _ends(t_tok, responses), _ends(o_tok, responses)
+    both = union = 0
+    for a, b in zip(t_ends, o_ends):
+        both += len(set(a) & set(b))
+        union += len(set(a) | set(b))
+    n = len(responses)  # + eos per response
+    ratio = (sum(map(len, o_ends)) + n) / (sum(map(len, t_ends)) + n)
+    return {"label_token_ratio": round(ratio, 4), "boundary_agreement": round(both / union, 4)}
+
+
+def _check_realistic_pair(stats: dict[str, float], family: str) -> None:
+    lo, hi = LABEL_TOKEN_RATIO
+    ratio, agree = stats["label_token_ratio"], stats["boundary_agreement"]
+    if not (lo <= ratio <= hi and agree >= MIN_BOUNDARY_AGREEMENT):
+        raise RuntimeError(
+            f"toy world: tokenizer {family!r} vs the teacher's has label-token ratio {ratio} "
+            f"(needs [{lo}, {hi}]) and boundary agreement {agree} (needs ≥ "
+            f"{MIN_BOUNDARY_AGREEMENT}); change VOCAB[{family!r}] in toyworld/build.py"
+        )
+
+
 def _build_into(tmp: Path, seed: int, preset_name: str) -> None:
     preset = PRESETS[preset_name]
     info: dict = {"format": FORMAT, "version": VERSION, "seed": seed, "preset": preset_name}
 
-    splits = make_splits(preset.sizes, seed)
+    splits = make_splits(preset.sizes, seed, preset.prompt_shares)
+    pretrain = splits.pop("pretrain", [])
     info["splits"] = {}
     for name, rows in splits.items():
         _write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
         info["splits"][name] = {"path": f"data/{name}.jsonl", "rows": len(rows)}
+    if pretrain:  # the teacher trains on its own rows and on the students' distillation rows
+        _write_jsonl(tmp / "data" / "teacher_train.jsonl", pretrain + splits["train"])
+        info["splits"]["teacher_train"] = {"path": "data/teacher_train.jsonl",
+                                           "rows": len(pretrain) + len(splits["train"]),
+                                           "teacher_only_rows": len(pretrain)}
+    else:
+        info["splits"]["teacher_train"] = dict(info["splits"]["train"])
 
     corpus = [_corpus_text(r) for r in toy_examples(TOKENIZER_CORPUS_EXAMPLES, seed)]
     # Real tokenizers know the words of the prompt template; without this the toy ones split the
     # DSKD template into ~90 pieces, 5x the example itself, and training time goes to boilerplate.
     corpus += TEMPLATE_TEXTS * TEMPLATE_REPEATS
     info["tokenizers"] = {}
-    for family, vocab_size in preset.vocab.items():
+    for family, vocab_size in VOCAB.items():
         out = tmp / "tokenizers" / family
         tok = train_tokenizer(family, corpus, vocab_size, out, MAX_POSITIONS)
         info["tokenizers"][family] = {
@@ -196,6 +279,13 @@ def _build_into(tmp: Path, seed: int, preset_name: str) -> None:
             "pad_token_id": tok.pad_token_id,
             "train_tokens": _token_stats(out, splits["train"]),
         }
+    responses = [r["response"] for r in splits["train"]]
+    for family in VOCAB:
+        if family != TEACHER_FAMILY:
+            stats = pair_granularity(tmp / "tokenizers" / TEACHER_FAMILY,
+                                     tmp / "tokenizers" / family, responses)
+            info["tokenizers"][family]["vs_teacher"] = stats
+    _check_realistic_pair(info["tokenizers"][REALISTIC_PAIR]["vs_teacher"], REALISTIC_PAIR)
 
     info["models"] = {}
     for name, (spec, family) in preset.models.items():

@@ -5,10 +5,16 @@ Two kinds of task, so a teacher has *soft* knowledge to pass on, not only one-ho
 * single-answer (`arithmetic`, `sorting`, `lookup`, `transform`): `references == [response]`;
 * many-answer (`describe`, `list`, `paraphrase`): every accepted answer is in `references`,
   listed most-likely-first, and `response` is drawn from Zipf-like weights over them, so a model
-  that learned the data has a non-uniform next-token distribution worth distilling.
+  that learned the data has a non-uniform next-token distribution worth distilling. The ranking
+  depends on the prompt (the object described, the wording of the ask, the sentence's name and
+  place), so a small model cannot pool answers by task class: it has to learn each prompt's.
 
-Every row is `{"instruction", "context", "response", "category", "references"}`; `context` is ""
-when a task has none. Texts are short (≈10–60 tokens prompt + response).
+Every row is `{"instruction", "context", "response", "category", "references", "probs"}`:
+`probs[i]` is the true probability of `references[i]` given the prompt (they sum to 1; a
+single-answer row has `[1.0]`), which is what lets eval score a model against the truth exactly
+(`pipeline/truth.py`). `context` is "" when a task has none. Texts are short (≈10–60 tokens
+prompt + response). Many-answer tasks are ~70% of the mix: they are where soft labels carry
+information beyond the label.
 """
 
 from __future__ import annotations
@@ -32,20 +38,34 @@ def zipf_weights(n: int, s: float = ZIPF_S) -> list[float]:
 
 
 def _row(
-    category: str, instruction: str, references: list[str], response: str, context: str = ""
+    category: str,
+    instruction: str,
+    references: list[str],
+    response: str,
+    probs: list[float],
+    context: str = "",
 ) -> Row:
-    assert response in references, (category, response, references)
+    assert response in references and len(probs) == len(references), (category, references)
     return {
         "instruction": instruction,
         "context": context,
         "response": response,
         "category": category,
         "references": references,
+        "probs": probs,
     }
 
 
 def _single(category: str, instruction: str, answer: str, context: str = "") -> Row:
-    return _row(category, instruction, [answer], answer, context)
+    return _row(category, instruction, [answer], answer, [1.0], context)
+
+
+def _ranked(items: tuple[str, ...] | list[str], key: str) -> list[str]:
+    """`items` in an order fixed by `key` (a stable hash): the prompt decides who ranks first."""
+    def score(item: str) -> bytes:
+        return hashlib.sha256(f"{key}\x00{item}".encode()).digest()
+
+    return sorted(items, key=score)
 
 
 def _many(
@@ -58,8 +78,10 @@ def _many(
     """Row whose response is drawn from `answers` (text → weight); references most-likely-first."""
     # Stable sort: equal weights keep generation order, so references are deterministic.
     refs = sorted(answers, key=lambda a: -answers[a])
-    response = rng.choices(refs, weights=[answers[a] for a in refs])[0]
-    return _row(category, instruction, refs, response, context)
+    total = sum(answers.values())
+    probs = [answers[a] / total for a in refs]
+    response = rng.choices(refs, weights=probs)[0]
+    return _row(category, instruction, refs, response, probs, context)
 
 
 def _article(word: str) -> str:
@@ -133,12 +155,13 @@ def transform(rng: random.Random) -> Row:
 
 
 def describe(rng: random.Random) -> Row:
-    """One sentence about an object: frame × adjective, both Zipf-weighted."""
+    """One sentence about an object: frame × adjective, both Zipf-weighted in an object's order."""
     objects, adjs = lx.OBJECT_CLASSES[rng.choice(sorted(lx.OBJECT_CLASSES))]
     obj = rng.choice(objects)
+    frames = _ranked(lx.DESCRIBE_FRAMES, f"frame:{obj}")
     answers: dict[str, float] = {}
-    for frame, wf in zip(lx.DESCRIBE_FRAMES, zipf_weights(len(lx.DESCRIBE_FRAMES))):
-        for adj, wa in zip(adjs, zipf_weights(len(adjs))):
+    for frame, wf in zip(frames, zipf_weights(len(frames))):
+        for adj, wa in zip(_ranked(adjs, f"adj:{obj}"), zipf_weights(len(adjs))):
             text = frame.format(
                 obj=obj, adj=adj, A_obj=_article(obj).capitalize(), a_adj=_article(adj)
             )
@@ -148,9 +171,13 @@ def describe(rng: random.Random) -> Row:
 
 
 def list_items(rng: random.Random) -> Row:
-    """Name one or two items of a category; two = ordered draw without replacement."""
+    """Name one or two items of a category; two = ordered draw without replacement.
+
+    The items' ranking depends on the category and the wording of the ask ("Name" vs "List").
+    """
     cat = rng.choice(sorted(lx.LIST_CATEGORIES))
-    items = lx.LIST_CATEGORIES[cat]
+    ask_template = rng.choice(lx.LIST_ASKS)
+    items = _ranked(lx.LIST_CATEGORIES[cat], f"list:{ask_template}:{cat}")
     w = zipf_weights(len(items))
     total = sum(w)
     n = rng.choice(("one", "two"))
@@ -165,7 +192,7 @@ def list_items(rng: random.Random) -> Row:
             if a != b
         }
         cat_word = cat
-    ask = rng.choice(lx.LIST_ASKS).format(n=n, cat=cat_word)
+    ask = ask_template.format(n=n, cat=cat_word)
     return _many(rng, "list", ask, answers)
 
 
@@ -176,8 +203,13 @@ def _fill_slots(template: str, choice: dict[str, str]) -> str:
 
 
 def paraphrase(rng: random.Random) -> Row:
-    """Reword a sentence: the input is one synonym realisation, answers are all the others."""
+    """Reword a sentence: the input is one synonym realisation, answers are all the others.
+
+    Synonyms are ranked per person (or per place in sentences without one), so the preferred
+    wording depends on the input, and is learnable: the person recurs across sentences.
+    """
     template, slots = rng.choice(lx.PARAPHRASE_TEMPLATES)
+    key_var = "<name>" if "<name>" in template else "<place>"
     variables = {
         "<name>": rng.choice(lx.NAMES),
         "<place>": rng.choice(lx.CITIES),
@@ -188,7 +220,8 @@ def paraphrase(rng: random.Random) -> Row:
     # Every realisation with its weight = product of its slot choices' Zipf weights.
     options: list[tuple[dict[str, str], float]] = [({}, 1.0)]
     for slot, words in slots.items():
-        weighted = list(zip(words, zipf_weights(len(words))))
+        ranked = _ranked(words, f"paraphrase:{variables[key_var]}:{slot}")
+        weighted = list(zip(ranked, zipf_weights(len(words))))
         options = [({**c, slot: wd}, p * w) for c, p in options for wd, w in weighted]
     texts = {_fill_slots(template, c): p for c, p in options}
     source = rng.choice(sorted(texts))  # inputs uniform, so every wording is seen as input
@@ -198,13 +231,13 @@ def paraphrase(rng: random.Random) -> Row:
 
 TASKS: dict[str, tuple[Callable[[random.Random], Row], float]] = {
     # category: (generator, mixing weight)
-    "arithmetic": (arithmetic, 0.15),
-    "sorting": (sorting, 0.12),
-    "lookup": (lookup, 0.15),
-    "transform": (transform, 0.13),
-    "describe": (describe, 0.15),
-    "list": (list_items, 0.12),
-    "paraphrase": (paraphrase, 0.18),
+    "arithmetic": (arithmetic, 0.08),
+    "sorting": (sorting, 0.07),
+    "lookup": (lookup, 0.08),
+    "transform": (transform, 0.07),
+    "describe": (describe, 0.25),
+    "list": (list_items, 0.20),
+    "paraphrase": (paraphrase, 0.25),
 }
 
 
@@ -229,18 +262,23 @@ def _split_of(row: Row, seed: int, bounds: list[tuple[float, str]]) -> str:
     return next(name for bound, name in bounds if u < bound)
 
 
-def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Row]]:
+def make_splits(
+    sizes: dict[str, int], seed: int = 0, prompt_shares: dict[str, float] | None = None
+) -> dict[str, list[Row]]:
     """Splits of the given sizes whose prompts (instruction + context) are disjoint.
 
     Rows are i.i.d. draws routed by prompt hash, so every split keeps the task mix, and a
     prompt that repeats within a split does so with responses in their Zipf frequencies (exact
     repeats included: that *is* the distribution a teacher should learn; `data.py` gives
-    repeated rows distinct ids).
+    repeated rows distinct ids). `prompt_shares` (split → share of the prompt space; default:
+    proportional to `sizes`) lets a small split still see many distinct prompts: a 300-row test
+    split next to a 20k-row teacher split would otherwise get ~1% of the prompts.
     """
-    total = sum(sizes.values())
+    shares = prompt_shares or sizes
+    total = sum(shares[name] for name in sizes)
     bounds, acc = [], 0.0
-    for name, size in sizes.items():
-        acc += size / total
+    for name in sizes:
+        acc += shares[name] / total
         bounds.append((acc, name))
     bounds[-1] = (1.0, bounds[-1][1])
     splits: dict[str, list[Row]] = {name: [] for name in sizes}
@@ -248,7 +286,7 @@ def make_splits(sizes: dict[str, int], seed: int = 0) -> dict[str, list[Row]]:
     for attempt, row in enumerate(_stream(rng)):
         if all(len(splits[s]) >= n for s, n in sizes.items()):
             break
-        if attempt > 50 * total:
+        if attempt > 50 * sum(sizes.values()):
             have = {s: len(r) for s, r in splits.items()}
             raise RuntimeError(
                 f"toy world: prompt space too small for split sizes {sizes} (got {have})"

@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from dskd.pipeline.data import (DSKD_TEMPLATE, DSKD_TEMPLATE_WITH_INPUT, BadRows, DataError,
-                                detect_schema, load_examples, parse_field_map)
+from dskd.pipeline.data import (
+    DSKD_TEMPLATE,
+    DSKD_TEMPLATE_WITH_INPUT,
+    BadRows,
+    DataError,
+    detect_schema,
+    load_examples,
+    parse_field_map,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 
@@ -161,3 +168,37 @@ def test_field_map_errors():
         parse_field_map("question=q")
     with pytest.raises(DataError, match="canonical=column"):
         parse_field_map("instruction")
+
+
+def test_probs_round_trip_through_loading(tmp_path):
+    """The toy world's true distribution reaches Example.probs, in the references' order."""
+    from dskd.pipeline.toyworld.tasks import toy_examples
+
+    rows = toy_examples(40, seed=0)
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(path)
+    assert [list(e.probs) for e in examples] == [r["probs"] for r in rows]
+    assert [list(e.references) for e in examples] == [r["references"] for r in rows]
+    assert any(len(e.probs) > 1 for e in examples) and any(e.probs == (1.0,) for e in examples)
+    # probs are not part of the id: the same texts with and without them are the same example
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "probs"}) + "\n"
+                            for r in rows))
+    assert [e.id for e in load_examples(bare)] == [e.id for e in examples]
+    assert all(e.probs is None for e in load_examples(bare))
+
+
+@pytest.mark.parametrize("probs, why", [
+    ([0.5], "1 values for 2 references"),
+    ([0.7, 0.6], "sum in \\(0, 1\\]"),
+    ([1.2, -0.2], "probabilities in \\[0, 1\\]"),
+    (["a", "b"], "list of numbers"),
+])
+def test_bad_probs_name_the_row(tmp_path, probs, why):
+    path = tmp_path / "bad.jsonl"
+    row = {"instruction": "Name one color.", "response": "red", "references": ["red", "blue"],
+           "probs": probs}
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=f"row 0: .*{why}"):
+        load_examples(path)

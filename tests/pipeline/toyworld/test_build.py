@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from dskd.pipeline.toyworld import PRESETS, ToyWorld, build_toy_world
 from dskd.pipeline.toyworld import build as build_mod
 
@@ -36,8 +37,10 @@ def test_world_has_every_piece(toy_world):
     for split, n in PRESETS["tiny"].sizes.items():
         assert getattr(w, split) == w.root / "data" / f"{split}.jsonl"
         assert len(_rows(getattr(w, split))) == n
-    assert set(w.tokenizers) == {"bpe", "unigram"}
-    for path in [*w.tokenizers.values(), w.teacher, w.student, w.student_gpt2, w.student_xvocab]:
+    assert set(w.tokenizers) == {"bpe", "spbpe", "unigram"}
+    assert w.teacher_train == w.train  # tiny has no teacher-only split
+    models = [w.teacher, w.student, w.student_gpt2, w.student_xvocab, w.student_unigram]
+    for path in [*w.tokenizers.values(), *models]:
         assert (path / "tokenizer.json").is_file()
     assert ToyWorld.load(w.root) == w
 
@@ -45,9 +48,15 @@ def test_world_has_every_piece(toy_world):
 def test_manifest_describes_the_world(toy_world):
     info = json.loads((toy_world.root / "toyworld.json").read_text())
     assert (info["seed"], info["preset"]) == (0, "tiny")
-    assert {k: v["rows"] for k, v in info["splits"].items()} == PRESETS["tiny"].sizes
+    rows = {k: v["rows"] for k, v in info["splits"].items()}
+    assert rows == {**PRESETS["tiny"].sizes, "teacher_train": PRESETS["tiny"].sizes["train"]}
     assert info["models"]["teacher"]["params"] > info["models"]["student"]["params"] > 0
-    assert info["models"]["student_xvocab"]["tokenizer"] == "unigram"
+    assert info["models"]["student_xvocab"]["tokenizer"] == "spbpe"
+    # one student architecture for both vocabularies
+    xv, sv = info["models"]["student_xvocab"], info["models"]["student"]
+    assert {k: xv[k] for k in ("arch", "hidden", "layers", "intermediate")} == {
+        k: sv[k] for k in ("arch", "hidden", "layers", "intermediate")}
+    assert info["models"]["student_unigram"]["tokenizer"] == "unigram"
     for fam, t in info["tokenizers"].items():
         assert 10 <= t["train_tokens"]["mean"] <= 60, (
             fam
@@ -99,8 +108,15 @@ def test_other_seed_or_preset_replaces_an_existing_toy_world(tmp_path):
     w = build_toy_world(root, seed=2, preset="small")
     info = json.loads((root / "toyworld.json").read_text())
     assert (info["seed"], info["preset"], w.seed) == (2, "small", 2)
-    assert len(_rows(w.train)) == PRESETS["small"].sizes["train"]
-    assert info["models"]["teacher"]["params"] > 3_000_000
+    sizes = PRESETS["small"].sizes
+    assert len(_rows(w.train)) == sizes["train"]
+    # the paper's regime: the teacher sees its own rows, then the students' train rows
+    teacher_rows = _rows(w.teacher_train)
+    assert len(teacher_rows) == sizes["pretrain"] + sizes["train"]
+    assert teacher_rows[sizes["pretrain"]:] == _rows(w.train)
+    seen = {(r["instruction"], r["context"]) for r in teacher_rows}
+    assert not seen & {(r["instruction"], r["context"]) for r in _rows(w.test)}
+    assert info["models"]["teacher"]["params"] > info["models"]["student"]["params"]
     assert _leftovers(tmp_path) == []
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dskd.pipeline.toyworld.models import ModelSpec, make_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from dskd.pipeline.toyworld.models import ModelSpec, make_config
 
 MODELS = {  # name: (model_type, tokenizer family)
     "teacher": ("llama", "bpe"),
     "student": ("llama", "bpe"),
     "student_gpt2": ("gpt2", "bpe"),
-    "student_xvocab": ("gpt2", "unigram"),
+    "student_xvocab": ("llama", "spbpe"),
+    "student_unigram": ("gpt2", "unigram"),
 }
 
 
@@ -71,7 +73,7 @@ def test_teacher_is_larger_and_wider_than_students(loaded):
 
     teacher = loaded["teacher"][0]
     assert 1_000_000 < n_params(teacher) < 3_000_000
-    for name in ("student", "student_gpt2", "student_xvocab"):
+    for name in ("student", "student_gpt2", "student_xvocab", "student_unigram"):
         student = loaded[name][0]
         assert 300_000 < n_params(student) < n_params(teacher) / 2
         assert student.config.hidden_size != teacher.config.hidden_size  # D_s != D_t

@@ -1,4 +1,4 @@
-"""The two tokenizer families: loadable, specials set, lossless, and segmenting differently."""
+"""The tokenizer families: loadable, specials set, lossless, and segmenting differently."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import string
 import pytest
 from transformers import AutoTokenizer
 
-FAMILIES = ("bpe", "unigram")
+FAMILIES = ("bpe", "spbpe", "unigram")
 # A prompt-template-like string with characters the generated data never uses.
 TEMPLATE = (
     "### Instruction:\n{Sort these}\n\n### Input:\n<x> = 3 * (4 + 5); 100%\t~ok~\n\n### Response:\n"
@@ -85,6 +85,7 @@ def test_offsets_tile_the_text(toks, family):
 def test_families_segment_differently(toks):
     assert 1500 <= len(toks["bpe"]) <= 2048
     assert 500 <= len(toks["unigram"]) <= 1024
+    assert 1000 <= len(toks["spbpe"]) <= 1152
     assert len(toks["bpe"]) != len(toks["unigram"])
     text = "Describe an owl in one sentence. The owl is usually curious."
     ends = {
@@ -98,3 +99,16 @@ def test_families_segment_differently(toks):
     }
     assert ends["bpe"] != ends["unigram"]
     assert len(ends["bpe"]) != len(ends["unigram"])
+
+
+def test_realistic_pair_is_checked_and_recorded(toy_world):
+    """spbpe sits where real pairs do against the teacher's bpe; unigram is the stress variant."""
+    from dskd.pipeline.toyworld import build
+
+    info = json.loads((toy_world.root / "toyworld.json").read_text())["tokenizers"]
+    real, stress = info["spbpe"]["vs_teacher"], info["unigram"]["vs_teacher"]
+    assert 1.05 <= real["label_token_ratio"] <= 1.3 and real["boundary_agreement"] >= 0.7
+    assert stress["label_token_ratio"] > 1.3  # degenerate on purpose
+    build._check_realistic_pair(real, "spbpe")
+    with pytest.raises(RuntimeError, match="'unigram' vs the teacher's has label-token ratio"):
+        build._check_realistic_pair(stress, "unigram")
