@@ -5,8 +5,9 @@
 
 Recipe: check every input (all problems at once, before any model loads) → load eval sets →
 per model: generate (one part file per model × set × seed, so a killed run resumes) → score →
-fidelity against a held-out teacher cache (optional) → generations.jsonl, results.json,
-report.md and PNGs, config.yaml.
+fidelity against a held-out teacher cache (optional) → exact metrics against the truth for
+eval sets that record `probs` (pipeline/truth.py) → generations.jsonl, results.json, report.md
+and PNGs, config.yaml.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rich.progress import (
 from rich.text import Text
 
 from dskd.pipeline import generate as gen
-from dskd.pipeline import metrics, plots
+from dskd.pipeline import metrics, plots, truth
 from dskd.pipeline.config import atomic_write_text, save_config
 from dskd.pipeline.data import BadRows, DataError, Example, load_examples
 from dskd.pipeline.train.checkpoint import CKPT_SUBDIR, best_info
@@ -403,8 +404,8 @@ def run(cfg: EvalConfig) -> Path:
     if not cfg.generate:
         return score_without_generation(cfg, out, dict(zip(mnames, model_dirs)), models_info)
 
-    texts, example_sets, fidelity = generate_all(cfg, out, sets, dict(zip(mnames, model_dirs)),
-                                                 models_info, seeds, protocol)
+    texts, example_sets, fidelity, truth_scores = generate_all(
+        cfg, out, sets, dict(zip(mnames, model_dirs)), models_info, seeds, protocol)
 
     # generations.jsonl: every text, in (model, set, seed, example) order
     lines = []
@@ -427,6 +428,7 @@ def run(cfg: EvalConfig) -> Path:
                       for n, d in zip(names, cfg.data)},
         "scores": scores,
         "fidelity": fidelity,
+        "truth": truth_scores,
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                      "rouge_score": _version("rouge-score"), "python": platform.python_version()},
     }
@@ -449,9 +451,12 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
     limits = (metrics.cache_limits(load_manifest(cfg.cache)) if cfg.cache
               else (cfg.max_prompt_len, DEFAULT_MAX_LEN))
     heldout: dict[str, dict[str, Any]] = {}
+    truth_scores: dict[str, dict[str, Any]] = {}
     fidelity: dict[str, Any] | None = {} if cfg.cache else None
+    ref_tok = None  # per-token truth metrics use one tokenizer for every model: the first's
     for mname, mdir in models.items():
         model = _Generator(mdir, tf)
+        ref_tok = ref_tok or model.tokenizer
         heldout[mname] = {}
         for sname, path in zip(set_names(cfg), cfg.data):
             tok = model.tokenizer if cfg.template == "chat" else None
@@ -459,9 +464,10 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
             heldout[mname][sname] = metrics.heldout_nll(
                 examples, model.model, model.tokenizer, max_prompt_len=limits[0],
                 max_len=limits[1], batch_size=cfg.batch_size)
-            exact = truth_metrics(path, examples, model.model, model.tokenizer)
+            exact = truth_metrics(path, examples, model.model, model.tokenizer, ref_tok,
+                                  limits[0], cfg.batch_size)
             if exact is not None:
-                heldout[mname][sname]["exact"] = exact
+                truth_scores.setdefault(mname, {})[sname] = exact
         if fidelity is not None:
             fidelity[mname] = cache_fidelity(tf, mdir, model)
         model.close()
@@ -475,6 +481,7 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
                       for n, d in zip(set_names(cfg), cfg.data)},
         "scores": {},
         "heldout": heldout,
+        "truth": truth_scores or None,
         "fidelity": fidelity,
         "versions": {"torch": torch.__version__, "transformers": _version("transformers"),
                      "python": platform.python_version()},
@@ -486,25 +493,33 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
     return out / report_mod.RESULTS_FILE
 
 
-def truth_metrics(path: str, examples: list[Example], model: Any, tok: Any) -> dict | None:
-    """Hook for the exact metrics against the data's true next-token probabilities (the toy
-    world's `probs`, issue 11); None until that function is on main, or for ordinary data."""
-    return None
+def truth_metrics(path: str, examples: list[Example], model: Any, tok: Any,
+                  reference_tokenizer: Any = None, max_prompt_len: int = 256,
+                  batch_size: int = 16) -> dict | None:
+    """Exact metrics against the data's true answer probabilities (`probs`, e.g. the toy
+    world's) for one model on one eval set; None for data without probs."""
+    del path  # kept for the --no-generate call site; the examples carry everything
+    model.eval()
+    return truth.truth_metrics(model, tok, examples, reference_tokenizer=reference_tokenizer,
+                               max_prompt_len=max_prompt_len, batch_size=batch_size)
 
 
 def generate_all(cfg: EvalConfig, out: Path, sets: dict[str, list[Example]],
                  models: dict[str, Path], models_info: dict[str, Any], seeds: list[int],
-                 protocol: dict[str, Any]) -> tuple[dict, dict, dict | None]:
+                 protocol: dict[str, Any]) -> tuple[dict, dict, dict | None, dict | None]:
     """Every (model, set, seed) generation (finished parts reused), plus fidelity per model.
 
-    Returns texts[(model, set, seed)] = [text per example], example_sets[model][set] and the
-    fidelity dict (None without --cache). A model is loaded only if something is left to do.
+    Returns texts[(model, set, seed)] = [text per example], example_sets[model][set], the
+    fidelity dict (None without --cache) and truth[model][set] (None when no set has `probs`).
+    A model is loaded only if something is left to do.
     """
     names = set_names(cfg)
     part_protocol = {k: v for k, v in protocol.items() if k != "seeds"}  # adding a seed keeps parts
     texts: dict[tuple[str, str, int], list[str]] = {}
     example_sets: dict[str, dict[str, list[Example]]] = {}
     fidelity: dict[str, Any] | None = {} if cfg.cache else None
+    truth_scores: dict[str, Any] = {}
+    ref_tok = None  # per-token truth metrics use one tokenizer for every model: the first's
     total = len(models) * len(seeds) * sum(len(v) for v in sets.values())
     with _progress() as progress:
         task = progress.add_task("generating", total=total or None)
@@ -541,9 +556,33 @@ def generate_all(cfg: EvalConfig, out: Path, sets: dict[str, list[Example]],
             if fidelity is not None:
                 progress.update(task, description=f"{mname} · fidelity on {Path(cfg.cache).name}")
                 fidelity[mname] = cache_fidelity(cfg, mdir, generator)
+            if any(e.probs is not None for v in sets.values() for e in v):
+                progress.update(task, description=f"{mname} · exact metrics against the truth")
+                if ref_tok is None:
+                    ref_tok = gen.load_tokenizer(str(next(iter(models.values()))))[0]
+                truth_scores[mname] = set_truth_scores(cfg, mdir, generator, sets, ref_tok)
             if generator is not None:
                 generator.close()
-    return texts, example_sets, fidelity
+    return texts, example_sets, fidelity, truth_scores or None
+
+
+def set_truth_scores(cfg: EvalConfig, model_dir: Path, generator: _Generator | None,
+                     sets: dict[str, list[Example]], reference_tokenizer: Any) -> dict[str, Any]:
+    """Exact excess KL / validity / excess NLL of one model on each eval set that has `probs`.
+
+    Needs no generation (teacher-forced log-probabilities of the references).
+    """
+    if getattr(generator, "model", None) is not None and cfg.backend == "transformers":
+        model, tok = generator.model, generator.tokenizer
+    else:  # vLLM gives no logits of given sequences: score with transformers
+        model, tok = gen.load_model(model_dir, _device(cfg.device), cfg.dtype)
+    out = {}
+    for sname, examples in sets.items():
+        got = truth_metrics("", examples, model, tok, reference_tokenizer, cfg.max_prompt_len,
+                            cfg.batch_size)
+        if got is not None:
+            out[sname] = got
+    return out
 
 
 def cache_fidelity(cfg: EvalConfig, model_dir: Path, generator: _Generator | None) -> dict:

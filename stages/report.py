@@ -94,6 +94,33 @@ def heldout_table(heldout: dict) -> str:
     return "\n".join(lines)
 
 
+TRUTH_COLUMNS = [("excess_kl", "excess KL (nats/response)"),
+                 ("excess_kl_per_token", "excess KL / ref. token"),
+                 ("validity", "validity mass %"), ("excess_nll", "excess NLL (nats/response)")]
+TRUTH_NOTE = ("Exact, no sampling: excess KL = KL(p_true ‖ model) over each prompt's valid "
+              "answers (0 = the truth; lower is better), validity mass = the model's probability "
+              "of producing any valid answer, excess NLL = held-out NLL minus the true entropy. "
+              "Per-token numbers divide by the expected answer length in the reference "
+              "tokenizer ({ref}), so vocabularies compare fairly. ROUGE-L takes the best match "
+              "over the valid answers: it sees whether an answer is valid, not whether the model "
+              "spreads its probability over the answers as the truth does.")
+
+
+def truth_table(truth: dict) -> str:
+    """Rows model (· set when several), columns TRUTH_COLUMNS."""
+    sets = sorted({s for per_set in truth.values() for s in per_set})
+    lines = ["| model | " + " | ".join(c[1] for c in TRUTH_COLUMNS) + " |",
+             "|---|" + "---:|" * len(TRUTH_COLUMNS)]
+    for model, per_set in truth.items():
+        for sname, t in per_set.items():
+            name = model if len(sets) == 1 else f"{model} · {sname}"
+            vals = ["–" if t.get(k) is None else
+                    f"{100 * t[k]:.1f}" if k == "validity" else f"{t[k]:.4f}"
+                    for k, _ in TRUTH_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
 def _protocol_line(p: dict) -> str:
     if p.get("decoding") == "greedy":
         how = "greedy decoding"
@@ -129,6 +156,11 @@ def write_report(results: dict, out_dir: str | Path, title: str = "dskd eval") -
     if len(set(coverage.values())) > 1:
         parts += ["", ("Note: models were scored on different eval sets; each Average covers only "
                   "its own row's sets.")]
+    if results.get("truth"):
+        ref = next((t.get("reference_tokenizer") for per_set in results["truth"].values()
+                    for t in per_set.values()), "")
+        parts += ["", "## Against the truth (exact; eval data with `probs`)", "",
+                  truth_table(results["truth"]), "", TRUTH_NOTE.format(ref=ref or "the first model's")]
     if results.get("fidelity"):
         parts += ["", "## Fidelity to the teacher (held-out cache)", "",
                   fidelity_table(results["fidelity"])]
@@ -166,7 +198,8 @@ def merge_results(run_dirs: list[str | Path]) -> dict:
     Average is recomputed over each row's sets.
     """
     merged: dict[str, Any] = {"scores": {}, "models": {}, "fidelity": {}, "heldout": {},
-                              "protocols": [], "runs": [str(Path(r)) for r in run_dirs]}
+                              "truth": {}, "protocols": [],
+                              "runs": [str(Path(r)) for r in run_dirs]}
     for run_dir in run_dirs:
         res = load_results(run_dir)
         if res.get("protocol") and res["protocol"] not in merged["protocols"]:
@@ -190,6 +223,8 @@ def merge_results(run_dirs: list[str | Path]) -> dict:
                 merged["fidelity"][key] = res["fidelity"][model]
             if model in (res.get("heldout") or {}):
                 merged["heldout"].setdefault(key, {}).update(res["heldout"][model])
+            if res.get("truth") and model in res["truth"]:
+                merged["truth"].setdefault(key, {}).update(res["truth"][model])
     for row in merged["scores"].values():
         cells = [c for s, c in row.items() if s != AVERAGE]
         if len(cells) > 1:

@@ -102,9 +102,10 @@ def test_rouge_equals_rouge_score_nonzero_multi_reference(toy_world, tmp_path):
     for i, (ex, line) in enumerate(zip(load_examples(toy_world.valid)[:4],
                                        Path(toy_world.valid).read_text().splitlines())):
         row = json.loads(line)
-        words = greedy[ex.id].split()
+        words = greedy[ex.id].replace("\ufffd", "").split()  # half a character: not text
         partial = " ".join(words[: max(1, len(words) // (i + 1))]) + " extra"
         row["references"] = ["nothing alike here", partial]
+        row.pop("probs")  # the true distribution was over the old references
         rows.append(json.dumps(row))
     derived = tmp_path / "derived.jsonl"
     derived.write_text("\n".join(rows) + "\n")
@@ -131,6 +132,28 @@ def test_results_record_config_protocol_and_fingerprints(evaluated, toy_world):
     assert "![ROUGE-L](rouge_l.png)" in report
     img = imread(evaluated / "rouge_l.png")
     assert img.shape[0] > 200 and np.std(img[..., :3]) > 0.05
+
+
+def test_eval_sets_with_probs_get_exact_metrics_against_the_truth(evaluated, toy_world):
+    """The toy world records true probs: results.json and report.md carry excess KL etc.,
+    equal to pipeline/truth.py on the same model and rows, per-token in the first model's
+    tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dskd.pipeline.truth import truth_metrics
+
+    results = json.loads((evaluated / "results.json").read_text())
+    got = results["truth"]["student_gpt2"]["test"]
+    tok = AutoTokenizer.from_pretrained(toy_world.student_gpt2)
+    model = AutoModelForCausalLM.from_pretrained(toy_world.student_gpt2).eval()
+    want = truth_metrics(model, tok, load_examples(toy_world.test)[:LIMIT],
+                         reference_tokenizer=AutoTokenizer.from_pretrained(toy_world.student))
+    for k in ("excess_kl", "excess_kl_per_token", "validity", "excess_nll"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4), k
+    assert got["examples"] == LIMIT and got["excess_kl"] > 0
+    assert set(results["truth"]) == {"student", "student_gpt2"}
+    report = (evaluated / "report.md").read_text()
+    assert "## Against the truth" in report and "| student_gpt2 · test |" in report
 
 
 def test_rerun_reuses_finished_parts(evaluated, toy_world, monkeypatch):
