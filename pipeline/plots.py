@@ -16,9 +16,6 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-# metrics.jsonl keys that are bookkeeping, not curves
-_NOT_CURVES = {"step", "epoch", "time", "elapsed_s", "wall_time", "timestamp", "shard", "row"}
-
 
 def _save(fig: Figure, path: Path) -> Path:
     """Write a PNG to a temp name, then rename: a half-written plot never has the final name."""
@@ -105,24 +102,25 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+# The curves a reader needs, in panel order: the objective, its CE and KD parts, and the
+# validation number that picks the checkpoint. lr, throughput, grad norm and per-term
+# accuracies stay in metrics.jsonl (and TensorBoard) for whoever debugs a run.
+CURVES = ("loss", "ce_loss", "kd_loss", "valid_ce_loss", "valid_rougeL")
+
+
 def curve_keys(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
-    """Numeric keys worth a panel, losses first, in first-seen order."""
-    keys: list[str] = []
-    for rows in runs.values():
-        for row in rows:
-            for k, v in row.items():
-                if (k not in _NOT_CURVES and k not in keys and isinstance(v, (int, float))
-                        and not isinstance(v, bool)):
-                    keys.append(k)
-    return sorted(keys, key=lambda k: (0 if "loss" in k else 1, keys.index(k)))
+    """The CURVES any run logged as numbers, in CURVES order."""
+    logged = {k for rows in runs.values() for row in rows for k, v in row.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return [k for k in CURVES if k in logged]
 
 
 def training_curves_figure(runs: Mapping[str, Sequence[Mapping]],
                            *, title: str = "Training curves") -> Figure:
-    """One panel per logged quantity (loss terms, lr, tokens/s...), one line per run, x = step."""
+    """One panel per CURVES key any run logged, one line per run, x = step."""
     keys = curve_keys(runs)
     if not keys:
-        raise ValueError("no numeric columns to plot in the given metrics")
+        raise ValueError(f"no numeric columns to plot in the given metrics (plotted: {CURVES})")
     ncols = min(3, len(keys))
     nrows = math.ceil(len(keys) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows + 0.6), layout="constrained")
@@ -150,3 +148,37 @@ def plot_training_curves(runs: Mapping[str, Sequence[Mapping]], out: str | Path,
                          **kw: str) -> Path:
     """`training_curves_figure` written to `out` (PNG)."""
     return _save(training_curves_figure(runs, **kw), Path(out))
+
+
+# --------------------------------------------------------------------------- paired claims
+
+
+def forest_figure(rows: Sequence[tuple[str, float, float, float, str]], *,
+                  xlabel: str = "paired difference",
+                  title: str = "Claims: mean paired difference, 95% t-interval") -> Figure:
+    """One row per claim (name, mean, lo, hi, verdict): a dot, its interval, a line at 0."""
+    if not rows:
+        raise ValueError("forest plot needs at least one claim")
+    colors = {"holds": "C2", "reversed": "C3", "inconclusive": "C7", "not testable": "C1"}
+    fig = Figure(figsize=(7.5, 0.55 * len(rows) + 1.4), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (name, mean, lo, hi, verdict) in enumerate(rows):
+        y = len(rows) - 1 - i
+        c = colors.get(verdict, "k")
+        ax.plot([lo, hi], [y, y], color=c, lw=2)
+        ax.plot([mean], [y], "o", color=c)
+        ax.annotate(verdict, (hi, y), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=8, color=c)
+    ax.axvline(0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(range(len(rows)), [r[0] for r in reversed(rows)])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.margins(x=0.25)
+    return fig
+
+
+def plot_forest(rows: Sequence[tuple[str, float, float, float, str]], out: str | Path,
+                **kw: str) -> Path:
+    """`forest_figure` written to `out` (PNG)."""
+    return _save(forest_figure(rows, **kw), Path(out))

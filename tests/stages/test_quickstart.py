@@ -53,6 +53,11 @@ def test_every_stage_wrote_its_outputs(quickstart):
         assert (out / "eval" / f).is_file(), f
     text = report.read_text()
     assert "| teacher |" in text and "| xvocab-dskd-cma |" in text
+    # the toy world knows the truth: exact metrics for every model, and a pointer to the
+    # paired-seed evidence for intervals
+    assert "## Against the truth" in text and "| xvocab-dskd-cma | " in text.split("truth")[1]
+    assert set(results["truth"]) == {"teacher", *STUDENTS}
+    assert "benchmarks/evidence.py" in text
 
 
 def test_trained_teacher_beats_untrained_on_held_out_nll(quickstart):

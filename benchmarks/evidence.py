@@ -1,0 +1,344 @@
+"""Evidence: does distilling from the cache make a better student, measured against the truth?
+
+    python benchmarks/evidence.py --out DIR [--world-seed N] [--seeds 5] [--write-doc FILE]
+    python benchmarks/evidence.py --out DIR --sweep      (the one SFT-only lr/epochs sweep)
+
+The paper's regime on the `evidence` toy world: a teacher fine-tuned on 20k teacher-only rows
+plus the 300-row distillation split; students trained on those 300 rows only. Every method runs
+under each training seed s = 1..N, and seed s fixes what all methods share: the student's init
+(a fresh one per seed) and the data order (a paired design). Every run is scored exactly
+against the truth on the test split (unseen prompts): excess KL per response, per reference
+token, validity mass, excess NLL (pipeline/truth.py). Claims are tested on paired differences
+of excess KL with Holm-corrected verdicts after two gates (pipeline/verdicts.py):
+
+    G1  the teacher's excess KL is at most half the SFT student's (it has something to teach)
+    G2  KD > SFT holds (distillation from this cache helps at all)
+
+Writes DIR/evidence.json (per-run and per-claim records), DIR/evidence.md (tables) and
+DIR/forest.png. Student lr/epochs are fixed in stages/quickstart.SIZES["evidence"] (chosen by
+--sweep: SFT only, validation excess KL) and shared by every method; nothing is tuned per method.
+A rerun skips finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dskd.pipeline import plots
+from dskd.pipeline.data import load_examples
+from dskd.pipeline.tokenize import tokenize_example
+from dskd.pipeline.toyworld import ToyWorld, build_toy_world, fresh_student
+from dskd.pipeline.truth import truth_metrics
+from dskd.pipeline.verdicts import Claim, judge
+from dskd.stages import quickstart as qs
+
+PRESET = "evidence"
+METRIC = "excess_kl"  # what the claims test (nats per response, lower is better)
+# name -> (world model key, method, divergence); the vocabulary follows the model key
+METHODS: dict[str, tuple[str, str, str]] = {
+    "sft": ("student", "sft", "fkl"),
+    "kd-fkl": ("student", "kd", "fkl"),
+    "dskd-fkl": ("student", "dskd", "fkl"),
+    "kd-rkl": ("student", "kd", "rkl"),
+    "dskd-rkl": ("student", "dskd", "rkl"),
+    "xvocab-sft": ("student_xvocab", "sft", "fkl"),
+    "xvocab-uld": ("student_xvocab", "uld", "fkl"),
+    "xvocab-mined": ("student_xvocab", "mined", "fkl"),
+    "xvocab-dskd-cma": ("student_xvocab", "dskd-cma", "fkl"),
+}
+XVOCAB_KD = ("xvocab-uld", "xvocab-mined", "xvocab-dskd-cma")
+BEST_XVOCAB = "best-xvocab-kd"  # per seed: the cross-vocab KD method best on validation (mean)
+CLAIMS = [
+    Claim("KD > SFT", "kd-fkl", "sft", gates=("G1",)),
+    Claim("DSKD > KD (fkl)", "dskd-fkl", "kd-fkl", gates=("G1", "G2")),
+    Claim("DSKD > KD (rkl)", "dskd-rkl", "kd-rkl", gates=("G1", "G2")),
+    Claim("DSKD-CMA > ULD", "xvocab-dskd-cma", "xvocab-uld", gates=("G1", "G2")),
+    Claim("DSKD-CMA > MinED", "xvocab-dskd-cma", "xvocab-mined", gates=("G1", "G2")),
+    Claim("best cross-vocab KD > cross-vocab SFT", BEST_XVOCAB, "xvocab-sft", gates=("G1", "G2")),
+]
+G1_RATIO = 0.5
+SWEEP = {"lr": [1e-3, 3e-3, 1e-2], "epochs": [10, 30]}
+STUDENT_EXTRA = {"save_interval": 10**9, "eval_interval": 10**9}  # validate/save once, at the end
+
+
+def _scores(model_dir: Path, world: Any, sz: qs.Sizes, ref_tok: Any) -> dict[str, Any]:
+    """Exact metrics on valid and test, cached next to the run (a rerun reads them back)."""
+    done = model_dir.parent / "truth.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = {split: truth_metrics(model, tok, load_examples(getattr(world, split),
+                                                          template=sz.template),
+                                reference_tokenizer=ref_tok)
+           for split in ("valid", "test")}
+    out["params"] = sum(p.numel() for p in model.parameters())
+    done.write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _rows(path: Path) -> int:
+    return len(Path(path).read_text(encoding="utf-8").splitlines())
+
+
+def _tokens(data: Path, model_dir: Path, template: str) -> int:
+    """Tokens (prompt + response + eos) of one pass over `data` in the model's tokenization."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sum(tokenize_example(e, tok).num_tokens
+               for e in load_examples(data, template=template))
+
+
+def _init_worker(threads: int) -> None:
+    # Tiny models gain nothing from intra-op threads, and on a shared machine spinning OpenMP
+    # threads make a step ~10x slower; two 1-thread workers use two cores instead.
+    torch.set_num_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _student_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or reuse) one student and score it; runs in a worker process."""
+    from transformers import AutoTokenizer
+
+    world = ToyWorld.load(job["world"])
+    sz = qs.SIZES[PRESET]
+    final = qs.train_student(Path(job["out"]), job["run"], Path(job["init"]),
+                             {k: Path(v) for k, v in job["caches"].items()}, job["sizes"] or sz,
+                             job["common"], job["method"], job["divergence"], **job["extra"])
+    ref_tok = AutoTokenizer.from_pretrained(world.tokenizers["bpe"])
+    return {**job, "scores": _scores(final, world, sz, ref_tok)}
+
+
+def _run_jobs(jobs: list[dict[str, Any]], workers: int, threads: int) -> list[dict[str, Any]]:
+    if workers <= 1:
+        _init_worker(threads)
+        return [_student_job(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        return list(pool.map(_student_job, jobs))
+
+
+def sweep(a: argparse.Namespace) -> None:
+    """SFT only, seed 1: pick the student lr and epochs with the lowest validation excess KL."""
+    sz = qs.SIZES[PRESET]
+    world = build_toy_world(a.out / "world", seed=a.world_seed, preset=PRESET)
+    init = fresh_student(world, "student", 1, a.out / "inits" / "student-s1")
+    caches = {s: str(a.out / "cache" / s) for s in ("train", "valid")}
+    if not all(Path(c, "manifest.json").is_file() for c in caches.values()):
+        teacher = qs.train_teacher(a.out, world, sz, {"device": "cpu", "seed": a.world_seed,
+                                                      "template": sz.template})
+        qs.cache_splits(a.out, world, teacher, sz, "cpu")
+    jobs = [{"world": str(world.root), "out": str(a.out / "sweep"), "run": f"lr{lr:g}-ep{ep}",
+             "init": str(init), "caches": caches,
+             "sizes": dataclasses.replace(sz, lr=lr, student_epochs=ep),
+             "common": {"device": "cpu", "template": sz.template, "tensorboard": False, "seed": 1},
+             "method": "sft", "divergence": "fkl", "extra": STUDENT_EXTRA, "lr": lr, "epochs": ep}
+            for lr in SWEEP["lr"] for ep in SWEEP["epochs"]]
+    rows = [{"lr": j["lr"], "epochs": j["epochs"], "valid": j["scores"]["valid"][METRIC],
+             "test_not_used": j["scores"]["test"][METRIC]}
+            for j in _run_jobs(jobs, a.workers, a.threads)]
+    for r in rows:
+        print(json.dumps(r))
+    best = min(rows, key=lambda r: r["valid"])
+    (a.out / "sweep.json").write_text(json.dumps({"rows": rows, "best": best}, indent=2) + "\n")
+    print("best:", json.dumps(best))
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    t0 = time.perf_counter()
+    sz = qs.SIZES[PRESET]
+    out = a.out
+    world = build_toy_world(out / "world", seed=a.world_seed, preset=PRESET)
+    common = {"device": "cpu", "template": sz.template, "tensorboard": False}
+    teacher = qs.train_teacher(out, world, sz, {**common, "seed": a.world_seed})
+    caches = qs.cache_splits(out, world, teacher, sz, "cpu")
+    ref_tok = AutoTokenizer.from_pretrained(world.tokenizers["bpe"])
+    seeds = list(range(1, a.seeds + 1))
+    t_teacher = time.perf_counter() - t0
+    jobs = []
+    for s in seeds:
+        inits = {key: fresh_student(world, key, s, out / "inits" / f"{key}-s{s}")
+                 for key in ("student", "student_xvocab")}
+        for name, (key, method, div) in METHODS.items():
+            jobs.append({"world": str(world.root), "out": str(out), "run": f"{name}-s{s}",
+                         "init": str(inits[key]), "caches": {k: str(v) for k, v in caches.items()},
+                         "sizes": None, "common": {**common, "seed": s}, "method": method,
+                         "divergence": div, "extra": STUDENT_EXTRA, "name": name, "key": key,
+                         "seed": s})
+    records = [{"run": j["run"], "method_name": j["name"], "method": j["method"],
+                "divergence": j["divergence"], "vocab": "bpe" if j["key"] == "student" else "spbpe",
+                "model": j["key"], "seed": j["seed"], "params": j["scores"]["params"],
+                "valid": j["scores"]["valid"], "test": j["scores"]["test"]}
+               for j in _run_jobs(jobs, a.workers, a.threads)]
+    t_students = time.perf_counter() - t0 - t_teacher
+    tgot = _scores(teacher, world, sz, ref_tok)
+    teacher_rec = {"run": "teacher", "params": tgot["params"], "valid": tgot["valid"],
+                   "test": tgot["test"], "epochs": sz.teacher_epochs,
+                   "rows": _rows(world.teacher_train),
+                   "tokens_seen": sz.teacher_epochs * _tokens(world.teacher_train, teacher,
+                                                              sz.template)}
+    student_tokens = {key: sz.student_epochs * _tokens(world.train, getattr(world, key),
+                                                       sz.template)
+                      for key in ("student", "student_xvocab")}
+    result = summarize(records, teacher_rec, seeds)
+    result.update({
+        "command": "python benchmarks/evidence.py --out OUT" + (
+            f" --world-seed {a.world_seed}" if a.world_seed else "") + (
+            f" --seeds {a.seeds}" if a.seeds != 5 else ""),
+        "world_seed": a.world_seed, "preset": PRESET, "seeds": seeds,
+        "sizes": {"teacher": {"params": teacher_rec["params"], "rows": teacher_rec["rows"],
+                              "epochs": sz.teacher_epochs, "lr": sz.teacher_lr,
+                              "tokens_seen": teacher_rec["tokens_seen"]},
+                  "students": {key: {"params": next(r["params"] for r in records
+                                                    if r["model"] == key),
+                                     "rows": _rows(world.train),
+                                     "epochs": sz.student_epochs, "lr": sz.lr,
+                                     "projector_lr": 2 * sz.lr, "tokens_seen": n}
+                               for key, n in student_tokens.items()}},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__},
+        "wall_s": {"teacher_and_caches": round(t_teacher, 1), "students": round(t_students, 1),
+                   "total": round(time.perf_counter() - t0, 1)},
+    })
+    return result
+
+
+def summarize(records: list[dict], teacher: dict, seeds: list[int]) -> dict[str, Any]:
+    """Per-claim verdicts from the per-run records (nothing else): the gates, then the claims."""
+    per_seed: dict[str, dict[int, float]] = {}
+    valid_mean: dict[str, float] = {}
+    for r in records:
+        per_seed.setdefault(r["method_name"], {})[r["seed"]] = r["test"][METRIC]
+    for name in per_seed:
+        vals = [r["valid"][METRIC] for r in records if r["method_name"] == name]
+        valid_mean[name] = sum(vals) / len(vals)
+    best = min(XVOCAB_KD, key=lambda n: valid_mean.get(n, float("inf")))
+    per_seed[BEST_XVOCAB] = per_seed[best]
+    sft_mean = sum(per_seed["sft"].values()) / len(per_seed["sft"])
+    g1 = teacher["test"][METRIC] <= G1_RATIO * sft_mean
+    claims, gates = judge(per_seed, CLAIMS, {"G1": g1}, {"G2": "KD > SFT"})
+    for c in claims:
+        if c["better"] == BEST_XVOCAB:
+            c["best_xvocab_kd"] = best
+    return {
+        "metric": METRIC, "records": records, "teacher": teacher, "claims": claims,
+        "gates": {"G1": {"holds": gates["G1"], "teacher": teacher["test"][METRIC],
+                         "sft_mean": sft_mean, "ratio": teacher["test"][METRIC] / sft_mean,
+                         "needs": f"≤ {G1_RATIO}"},
+                  "G2": {"holds": gates["G2"], "claim": "KD > SFT"}},
+        "best_xvocab_kd": {"method": best, "valid_means": {n: valid_mean[n] for n in XVOCAB_KD}},
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def method_table(result: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """table[method][metric] = (mean, 95% t half-width over seeds) on the test split."""
+    from dskd.pipeline.verdicts import paired_test
+
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    names = list(dict.fromkeys(r["method_name"] for r in result["records"]))
+    for name in names:
+        rows = [r["test"] for r in result["records"] if r["method_name"] == name]
+        table[name] = {}
+        for m in ("excess_kl", "excess_kl_per_token", "validity", "excess_nll"):
+            vals = [row[m] for row in rows]
+            if len(vals) > 1:
+                t = paired_test(vals)
+                table[name][m] = (t["mean"], t["ci95"][1] - t["mean"])
+            else:
+                table[name][m] = (vals[0], 0.0)
+    return table
+
+
+def render(result: dict, forest: str | None = "forest.png") -> str:
+    t = result["teacher"]["test"]
+    table = method_table(result)
+    lines = [("| model | vocab | excess KL (nats/response) | excess KL / ref. token | "
+              "validity mass % | excess NLL (nats/response) |"), "|---|---|---:|---:|---:|---:|",
+             (f"| teacher | bpe | {t['excess_kl']:.3f} | {t['excess_kl_per_token']:.4f} | "
+              f"{100 * t['validity']:.1f} | {t['excess_nll']:.3f} |")]
+    vocab = {r["method_name"]: r["vocab"] for r in result["records"]}
+    for name, row in table.items():
+        def cell(m: str, scale: float = 1.0, fmt: str = ".3f", row=row) -> str:
+            mean, half = row[m]
+            return f"{scale * mean:{fmt}} ± {scale * half:{fmt}}"
+
+        lines.append(f"| {name} | {vocab[name]} | {cell('excess_kl')} | "
+                     f"{cell('excess_kl_per_token', fmt='.4f')} | "
+                     f"{cell('validity', 100, '.1f')} | {cell('excess_nll')} |")
+    g = result["gates"]
+    lines += ["", "| gate | value | holds |", "|---|---|---|",
+              (f"| G1: teacher excess KL ≤ {G1_RATIO} × SFT student's | "
+               f"{g['G1']['teacher']:.3f} vs {g['G1']['sft_mean']:.3f} (ratio "
+               f"{g['G1']['ratio']:.2f}) | {'yes' if g['G1']['holds'] else 'NO'} |"),
+              f"| G2: KD > SFT holds | see claim | {'yes' if g['G2']['holds'] else 'NO'} |",
+              "", "| claim | mean paired diff (nats/response) | 95% CI | p (Holm) | verdict |",
+              "|---|---:|---|---:|---|"]
+    for c in result["claims"]:
+        name = c["claim"] + (f" ({c['best_xvocab_kd']})" if c.get("best_xvocab_kd") else "")
+        lines.append(f"| {name} | {c['mean']:+.3f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] "
+                     f"| {c['p_holm']:.3g} | **{c['verdict']}** |")
+    if forest:
+        lines += ["", f"![paired differences]({forest})"]
+    return "\n".join(lines) + "\n"
+
+
+def forest(result: dict, path: Path) -> Path:
+    rows = [(c["claim"], c["mean"], c["ci95"][0], c["ci95"][1], c["verdict"])
+            for c in result["claims"]]
+    return plots.plot_forest(rows, path, xlabel="paired difference in excess KL "
+                             "(nats/response; > 0 = claimed-better method closer to the truth)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=5, help="training seeds (paired), ≥ 2")
+    ap.add_argument("--sweep", action="store_true", help="run the SFT-only lr/epochs sweep")
+    ap.add_argument("--write-doc", type=Path, default=None, help="also write this markdown file")
+    ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    a = ap.parse_args()
+    if a.seeds < 2:
+        ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
+    torch.set_num_threads(a.threads)  # the teacher: see _init_worker
+    if a.sweep:
+        sweep(a)
+        return
+    result = run(a)
+    (a.out / "evidence.json").write_text(json.dumps(result, indent=2) + "\n")
+    forest(result, a.out / "forest.png")
+    md = render(result)
+    (a.out / "evidence.md").write_text(md)
+    print(md)
+    print(f"wall: {result['wall_s']}")
+    if a.write_doc:
+        a.write_doc.write_text(md)
+
+
+if __name__ == "__main__":
+    main()
