@@ -60,10 +60,10 @@ class Sizes:
 SIZES = {
     "tiny": Sizes(teacher_epochs=2, student_epochs=1, batch_size=32, lr=3e-3, teacher_lr=3e-3,
                   seeds=1, max_new_tokens=32, eval_limit=40),
-    "small": Sizes(teacher_epochs=2, student_epochs=20, batch_size=32, lr=3e-3, teacher_lr=3e-3,
+    "small": Sizes(teacher_epochs=1, student_epochs=10, batch_size=32, lr=3e-3, teacher_lr=3e-3,
                    seeds=1, max_new_tokens=32, eval_limit=100, template="none",
                    teacher_batch_size=64),
-    "evidence": Sizes(teacher_epochs=2, student_epochs=20, batch_size=32, lr=3e-3,
+    "evidence": Sizes(teacher_epochs=1, student_epochs=20, batch_size=32, lr=3e-3,
                       teacher_lr=3e-3, seeds=1, max_new_tokens=32, eval_limit=None,
                       template="none", teacher_batch_size=64),
 }
@@ -128,20 +128,21 @@ def cache_splits(out: Path, world: Any, teacher: Path, sz: Sizes, device: str) -
     return caches
 
 
-def train_student(out: Path, name: str, student: Path, caches: dict[str, Path], sz: Sizes,
+def train_student(out: Path, name: str, student: Path, caches: dict[str, Path] | None, sz: Sizes,
                   common: dict[str, Any], method: str, divergence: str, **extra: Any) -> Path:
-    """One student from the train cache (benchmarks/evidence.py trains many of them this way).
+    """One student from the train cache (benchmarks/evidence.py trains many of them this way;
+    caches None = SFT from `extra`'s data files).
 
     Every method gets the same student lr, epochs and batch; projectors 2x the student's lr.
     """
     from dskd.stages import distill
 
     run_dir = out / "runs" / name
+    source = {"cache": str(caches["train"]), "valid_cache": str(caches["valid"])} if caches else {}
     return _step(f"student {name}: {method} ({divergence})", run_dir / "final",
                  lambda: distill.run(resolve(distill.DistillConfig, {
                      **common, "method": method, "divergence": divergence,
-                     "student": str(student), "cache": str(caches["train"]),
-                     "valid_cache": str(caches["valid"]), "out": str(run_dir),
+                     "student": str(student), **source, "out": str(run_dir),
                      "epochs": sz.student_epochs, "batch_size": sz.batch_size, "lr": sz.lr,
                      "projector_lr": 2 * sz.lr, "num_workers": 0, "resume": True, **extra})))
 
