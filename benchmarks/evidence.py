@@ -337,7 +337,16 @@ def plain_summary(result: dict) -> str:
     return " ".join(parts)
 
 
-def render_doc(results: list[dict], figure_dir: str = "results") -> str:
+def sweep_table(sweep_result: dict) -> str:
+    lines = ["| student lr | epochs | valid excess KL (nats/response) |", "|---:|---:|---:|"]
+    for r in sweep_result["rows"]:
+        chosen = " ← chosen" if r == sweep_result["best"] else ""
+        lines.append(f"| {r['lr']:g} | {r['epochs']} | {r['valid']:.2f}{chosen} |")
+    return "\n".join(lines)
+
+
+def render_doc(results: list[dict], figure_dir: str = "results",
+               sweep_result: dict | None = None) -> str:
     """docs/results.md from one or more evidence.json (one per world seed)."""
     first = results[0]
     lines = ["# Results: does distilling from the cache make a better student?", "",
@@ -369,6 +378,8 @@ def render_doc(results: list[dict], figure_dir: str = "results") -> str:
         "all methods (paired). Intervals: 95% t over seeds; verdicts Holm-corrected over the "
         "six claims; gates G1 (teacher excess KL ≤ half the SFT student's) and G2 (KD > SFT "
         "holds) come first, and a claim they guard reads `not testable` if one fails."), ""]
+    if sweep_result:
+        lines += ["The SFT-only sweep (seed 1, world seed 0):", "", sweep_table(sweep_result), ""]
     for r in results:
         m, w = r["machine"], r["wall_s"]
         lines += [f"## World seed {r['world_seed']}", "",
@@ -409,7 +420,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)  # the teacher: see _init_worker
     if a.doc_from:
         results = [json.loads((d / "evidence.json").read_text()) for d in a.doc_from]
-        doc = render_doc(results)
+        sweeps = [d / "sweep.json" for d in a.doc_from if (d / "sweep.json").is_file()]
+        doc = render_doc(results, sweep_result=json.loads(sweeps[0].read_text()) if sweeps else None)
         if a.write_doc:
             figs = a.write_doc.parent / "results"
             figs.mkdir(parents=True, exist_ok=True)
