@@ -63,7 +63,7 @@ SIZES = {
     "small": Sizes(teacher_epochs=1, student_epochs=10, batch_size=32, lr=3e-3, teacher_lr=3e-3,
                    seeds=1, max_new_tokens=32, eval_limit=100, template="none",
                    teacher_batch_size=64),
-    "evidence": Sizes(teacher_epochs=1, student_epochs=20, batch_size=32, lr=3e-3,
+    "evidence": Sizes(teacher_epochs=2, student_epochs=20, batch_size=32, lr=3e-3,
                       teacher_lr=3e-3, seeds=1, max_new_tokens=32, eval_limit=None,
                       template="none", teacher_batch_size=64),
 }
