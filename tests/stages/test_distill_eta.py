@@ -5,6 +5,7 @@ from configs with the real tokenizers of ../shared/tokenizers (tiny random weigh
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -70,11 +71,15 @@ def test_dskd_eta_from_the_cache_equals_online(toy, tmp_path):
 
 def test_dskd_v2_trains_a_same_vocab_student_and_resumes(toy, tmp_path):
     out = tmp_path / "v2"
-    run(_cfg(toy["toy"].student, toy["cache"], out, method="dskd-v2", max_steps=2, save_interval=1))
+    args = {"method": "dskd-v2", "max_steps": 3, "save_interval": 1, "keep_last": 3}
+    run(_cfg(toy["toy"].student, toy["cache"], out, **args))
     rows = _rows(out)
     assert _finite(rows) and {"t2s_agreement", "t_acc", "s2t_agreement"} <= rows[0].keys()
+    # Lose step 3, as a crash during it would; the resume must keep the same plan (max_steps).
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-00000003")
     # the pinv s2t map is rebuilt, not saved: a resumed run loads the saved projectors strictly
-    run(_cfg(toy["toy"].student, toy["cache"], out, method="dskd-v2", max_steps=3, resume=True))
+    run(_cfg(toy["toy"].student, toy["cache"], out, resume=True, **args))
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
 
 
