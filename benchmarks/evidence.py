@@ -44,17 +44,7 @@ from dskd.stages import quickstart as qs
 PRESET = "evidence"
 METRIC = "excess_kl"  # what the claims test (nats per response, lower is better)
 # name -> (world model key, method, divergence); the vocabulary follows the model key
-METHODS: dict[str, tuple[str, str, str]] = {
-    "sft": ("student", "sft", "fkl"),
-    "kd-fkl": ("student", "kd", "fkl"),
-    "dskd-fkl": ("student", "dskd", "fkl"),
-    "kd-rkl": ("student", "kd", "rkl"),
-    "dskd-rkl": ("student", "dskd", "rkl"),
-    "xvocab-sft": ("student_xvocab", "sft", "fkl"),
-    "xvocab-uld": ("student_xvocab", "uld", "fkl"),
-    "xvocab-mined": ("student_xvocab", "mined", "fkl"),
-    "xvocab-dskd-cma": ("student_xvocab", "dskd-cma", "fkl"),
-}
+METHODS: dict[str, tuple[str, str, str]] = dict(qs.STUDENT_RUNS)  # a copy: rows added here stay here
 XVOCAB_KD = ("xvocab-uld", "xvocab-mined", "xvocab-dskd-cma")
 BEST_XVOCAB = "best-xvocab-kd"  # per seed: the cross-vocab KD method best on validation (mean)
 CLAIMS = [
