@@ -84,31 +84,57 @@ class LossOptions:
 
 _OPTION_NAMES = {f.name for f in fields(LossOptions)}
 
-# Options only some methods read: with any other method a non-default value would be silently
-# ignored, so `dskd distill` refuses it. (sparse_tail: only a top-k target reads it.)
-OPTION_METHODS: dict[str, tuple[str, ...]] = {
-    "teacher_space_divergence": DUAL_SPACE,
-    "accuracy_filter": ("dskd", "dskd-cma"),
-    "cma_norm": ("dskd-cma",),
-    "teacher_temperature": ("dskd-cma",),
-    "unused_query_projector": ("dskd",),
-    "mined_stu2tea": ("mined",),
-}  # projector_init, t2s_agreement (and --alignment): train.setup._dual_space_check
+SIGNALS = ("exact", "topk", "sampled")
+
+
+@dataclass(frozen=True)
+class OptionScope:
+    """Which methods and teacher signals read a loss option. With any other, a non-default value
+    would be silently ignored, so `dskd distill` refuses it (option_problems says who reads it)."""
+
+    methods: tuple[str, ...] = METHODS
+    signals: tuple[str, ...] = SIGNALS
+    default: Any = None  # None: the LossOptions default (set for a flag LossOptions lacks)
+
+
+# The one table of loss-option scopes: every LossOptions field, plus the distill flags that only
+# some methods read (tested: every loss option flag of `dskd distill` has an entry). An entry
+# with the full scope is never refused: these accept any method, as they always have.
+OPTION_SCOPES: dict[str, OptionScope] = {
+    "kd_rate": OptionScope(),
+    "kd_temperature": OptionScope(),
+    "skew_lambda": OptionScope(),
+    "adaptive_kl_alpha": OptionScope(),
+    "chunk_rows": OptionScope(),
+    "teacher_target": OptionScope(),  # not a flag: follows --teacher-signal
+    "teacher_space_divergence": OptionScope(DUAL_SPACE),
+    "accuracy_filter": OptionScope(("dskd", "dskd-cma")),
+    "cma_norm": OptionScope(("dskd-cma",)),
+    "teacher_temperature": OptionScope(("dskd-cma",)),
+    "unused_query_projector": OptionScope(("dskd",)),
+    "mined_stu2tea": OptionScope(("mined",)),
+    "projector_init": OptionScope(DUAL_SPACE),  # the others have no projectors
+    "t2s_agreement": OptionScope(DSKD_V2),  # the v2 agreement filter
+    "alignment": OptionScope(("dskd-eta",), default="official"),  # ETA's token alignment rule
+    "sparse_tail": OptionScope(signals=("topk",)),  # only a top-k target has a tail
+}
 
 
 def option_problems(method: str, values: Mapping[str, Any], teacher_signal: str = "exact"
                     ) -> list[str]:
     """Each non-default loss option in `values` that `method` (with this signal) does not read."""
-    default = LossOptions()
-    out = []
-    for name, methods in OPTION_METHODS.items():
-        v = values.get(name, getattr(default, name))
-        if v != getattr(default, name) and method not in methods:
+    base, out = LossOptions(), []
+    for name, scope in OPTION_SCOPES.items():
+        default = getattr(base, name) if scope.default is None else scope.default
+        v = values.get(name, default)
+        if v == default:
+            continue
+        if method not in scope.methods:
             out.append(f"{_flag(name, v)} does nothing with --method {method} (read by "
-                       f"{', '.join(methods)} only); drop it")
-    tail = values.get("sparse_tail", default.sparse_tail)
-    if tail != default.sparse_tail and teacher_signal != "topk":
-        out.append(f"{_flag('sparse_tail', tail)} does nothing without --teacher-signal topk; drop it")
+                       f"{', '.join(scope.methods)} only); drop it")
+        elif teacher_signal not in scope.signals:
+            out.append(f"{_flag(name, v)} does nothing without --teacher-signal "
+                       f"{' or '.join(scope.signals)}; drop it")
     return out
 
 

@@ -166,7 +166,6 @@ def check_config(cfg: Any) -> RunInputs:
                          if e.startswith("--cache")]
         except CacheError as e:
             errs.append(str(e))
-    errs += _dual_space_check(cfg)
     if errs:
         raise ConfigError("distill: " + "\n  ".join([""] + errs))
     mode = "cache" if cfg.cache else ("online" if cfg.teacher else "data")
@@ -188,21 +187,6 @@ def collapse_reason(method: str, kd_rate: float) -> str | None:
                 "which are made with that same head (stop-gradient), so nothing ties it to the "
                 "labels")
     return None
-
-
-def _dual_space_check(cfg: Any) -> list[str]:
-    """Options that only some methods read: refuse them elsewhere instead of ignoring them."""
-    from ..losses.registry import DSKD_V2, DUAL_SPACE
-
-    errs = []
-    if getattr(cfg, "projector_init", "auto") != "auto" and cfg.method not in DUAL_SPACE:
-        errs.append(f"--projector-init {cfg.projector_init}: --method {cfg.method} has no "
-                    f"projectors (it applies to {', '.join(DUAL_SPACE)})")
-    if getattr(cfg, "alignment", "official") != "official" and cfg.method != "dskd-eta":
-        errs.append(f"--alignment {cfg.alignment}: only --method dskd-eta aligns tokens")
-    if getattr(cfg, "t2s_agreement", 1.0) != 1.0 and cfg.method not in DSKD_V2:
-        errs.append("--t2s-agreement: only --method dskd-v2 / dskd-eta filter by agreement")
-    return errs
 
 
 def needs_teacher_tokenizer(cfg: Any) -> bool:

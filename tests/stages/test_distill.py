@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dskd.pipeline.config import ConfigError
-from dskd.pipeline.losses.registry import METHODS
+from dskd.pipeline.losses.registry import (
+    METHODS,
+    OPTION_SCOPES,
+    SIGNALS,
+    LossOptions,
+    option_problems,
+)
 from dskd.pipeline.train.checkpoint import list_checkpoints
 from dskd.pipeline.train.logger import read_metrics
 from dskd.pipeline.train.resume import ResumeMismatchError
@@ -379,6 +386,36 @@ def test_loss_options_the_method_does_not_read_are_refused(world, tmp_path):
     assert "--no-unused-query-projector does nothing with --method kd (read by dskd only)" in msg
     assert "--sparse-tail renorm does nothing without --teacher-signal topk" in msg
     assert not (tmp_path / "r").exists()
+
+
+def _other_value(hint, default):
+    """A value of this flag's type that is not its default."""
+    if typing.get_origin(hint) is typing.Literal:
+        return next(v for v in typing.get_args(hint) if v != default)
+    if isinstance(default, bool):
+        return not default
+    return 7 if default is None else default + 0.25
+
+
+def test_every_loss_option_flag_is_in_the_one_scope_table():
+    """Every loss option flag of `dskd distill` (LossOptions fields and the method-only flags) has
+    an OptionScope, and each narrow scope refuses exactly the methods/signals outside it."""
+    hints = typing.get_type_hints(DistillConfig)
+    flags = {f.name: f.default for f in dataclasses.fields(DistillConfig)}
+    loss_fields = {f.name for f in dataclasses.fields(LossOptions)}
+    assert loss_fields <= set(OPTION_SCOPES)  # a new LossOptions field needs its scope
+    assert set(OPTION_SCOPES) - {"teacher_target"} <= set(flags)  # each entry is a real flag
+    for name, scope in OPTION_SCOPES.items():
+        if name == "teacher_target":
+            continue
+        value = _other_value(hints[name], flags[name])
+        for method in METHODS:
+            for sig in SIGNALS:
+                got = option_problems(method, {name: value}, sig)
+                refused = method not in scope.methods or sig not in scope.signals
+                assert bool(got) == refused, (name, method, sig, got)
+                if refused:
+                    assert name.replace("_", "-") in got[0].split()[0], got  # names the flag
 
 
 def test_same_vocab_methods_refuse_a_cross_vocab_student(world, tmp_path):
