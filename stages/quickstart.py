@@ -116,8 +116,10 @@ def train_teacher(out: Path, world: Any, sz: Sizes, common: dict[str, Any]) -> P
             "lr": sz.teacher_lr, "template": sz.template, "num_workers": 0, "resume": True})))
 
 
-def cache_splits(out: Path, world: Any, teacher: Path, sz: Sizes, device: str) -> dict[str, Path]:
-    """Cache the teacher once: train split for distillation, valid split for validation."""
+def cache_splits(out: Path, world: Any, teacher: Path, sz: Sizes, device: str,
+                 **options: Any) -> dict[str, Path]:
+    """Cache the teacher once: train split for distillation, valid split for validation.
+    `options`: other cache-teacher settings (benchmarks/storage_curve.py's cache variants)."""
     from dskd.stages import cache_teacher
 
     caches = {}
@@ -129,7 +131,7 @@ def cache_splits(out: Path, world: Any, teacher: Path, sz: Sizes, device: str) -
                   cache_teacher.CacheTeacherConfig, {
                       "device": device, "teacher": str(teacher), "template": sz.template,
                       "data": str(getattr(world, split)), "out": str(cache_dir),
-                      "top_k": 16, "shard_size": 256})))
+                      "top_k": 16, "shard_size": 256, **options})))
     return caches
 
 

@@ -1,0 +1,374 @@
+"""Storage–accuracy curve: how close to the truth a KD student gets from what the cache stores.
+
+    python benchmarks/storage_curve.py --evidence EV --out OUT [--seeds 5] [--write-doc FILE]
+
+Reads a finished (or running) `benchmarks/evidence.py --out EV` directory: its world, its one
+teacher, its caches and its per-seed student inits. Caches the same teacher over the same
+train/valid splits once per variant (exact hidden states fp8; top-k k ∈ {1, 4, 16, 64};
+sampled targets N ∈ {4, 16, 64}; the fp16-exact variant is the evidence cache itself), trains
+the same KD student (kd, fkl, α 0.5, τ 2, the evidence preset's lr/epochs) from each under the
+evidence seeds (seed s = EV's init s + data order s: paired with every evidence run), and
+scores every student exactly against the truth (excess KL per response on the test split).
+
+The fp16-exact arm IS evidence's `kd-fkl` (same cache, init, order and settings): its runs are
+read from EV when finished. Also `xvocab-dskd-eta` (DSKDv2's exact token alignment, defaults)
+paired against evidence's `xvocab-dskd-cma`, with the paired verdict of pipeline/verdicts.py.
+
+Writes OUT/curve.json (per-run records, per-arm summary, the ETA-vs-CMA claim), OUT/curve.md
+and OUT/curve.png (excess KL against measured bytes/token, log x). A rerun skips finished
+caches and runs. Nothing is written into EV.
+
+Bytes/token of a variant = the stored bytes (Zarr chunks + metadata, from the cache manifest's
+`field_bytes`) of exactly the per-token arrays its student reads, over the train cache's token
+rows: exact: `hidden` (+ `hidden_scale` for fp8); top-k: `topk_ids` (+ `topk_ids_hi`),
+`topk_logprobs` (+ `topk_logprob_bounds` for q8), `tail_logprob`; sampled: `sampled_n`,
+`sampled_ids`, `sampled_counts`. The exact variants also need the teacher's LM head once per
+cache; it is NOT in the per-token figure (it does not grow with the data) and is reported
+beside it (`head_bytes`, and what it would add per token over this small cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+EXACT = "exact-fp16"  # the reference arm: evidence's kd-fkl
+ETA, CMA = "xvocab-dskd-eta", "xvocab-dskd-cma"
+TOPK_KS = (1, 4, 16, 64)
+SAMPLED_NS = (4, 16, 64)
+KD_TAU = 2.0  # distill's default --kd-temperature: the sampled draws must be made at it
+
+# per-token arrays the student reads, per teacher signal (pipeline/train/setup.cache_fields plus
+# the companions pipeline/cache/reader.py opens with them); absent ones count 0
+SIGNAL_ARRAYS: dict[str, tuple[str, ...]] = {
+    "exact": ("hidden", "hidden_scale"),
+    "topk": ("topk_ids", "topk_ids_hi", "topk_logprobs", "topk_logprob_bounds", "tail_logprob"),
+    "sampled": ("sampled_n", "sampled_ids", "sampled_counts"),
+}
+HEAD_TENSORS = ("lm_head.weight", "lm_head.bias")  # what hidden × head needs (not the embeddings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One student setting: which cache variant (None = the evidence cache), which signal."""
+
+    name: str
+    cache: str | None
+    signal: str  # exact | topk | sampled
+    extra: dict[str, Any]  # distill options beyond the evidence defaults
+    model: str = "student"
+    method: str = "kd"
+    reuse: str | None = None  # the evidence run it is identical to (read, not retrained)
+    label: str = ""
+
+
+def cache_variants() -> dict[str, dict[str, Any]]:
+    """Variant name -> cache-teacher options (over the evidence cache's other settings)."""
+    out: dict[str, dict[str, Any]] = {"exact-fp8": {"hidden_dtype": "fp8", "top_k": 0}}
+    out |= {f"topk{k}": {"top_k": k} for k in TOPK_KS}
+    out |= {f"sampled{n}": {"top_k": 0, "sampled_targets": n, "sampled_temperature": KD_TAU}
+            for n in SAMPLED_NS}
+    return out
+
+
+def arms() -> list[Arm]:
+    a = [Arm(EXACT, None, "exact", {"teacher_signal": "exact"}, reuse="kd-fkl",
+             label="exact, fp16 hidden"),
+         Arm("exact-fp8", "exact-fp8", "exact", {"teacher_signal": "exact"},
+             label="exact, fp8 hidden")]
+    for k in TOPK_KS:
+        a += [Arm(f"topk{k}-{tail}", f"topk{k}", "topk",
+                  {"teacher_signal": "topk", "sparse_tail": tail}, label=f"top-{k}, {tail}")
+              for tail in ("bucket", "renorm")]
+    a += [Arm(f"sampled{n}", f"sampled{n}", "sampled", {"teacher_signal": "sampled"},
+              label=f"sampled N={n}") for n in SAMPLED_NS]
+    return a
+
+
+def eta_arms() -> list[Arm]:
+    return [Arm(ETA, None, "exact", {}, model="student_xvocab", method="dskd-eta",
+                label="DSKD-ETA (cross vocab)"),
+            Arm(CMA, None, "exact", {}, model="student_xvocab", method="dskd-cma", reuse=CMA,
+                label="DSKD-CMA (cross vocab)")]
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def signal_bytes(manifest: dict[str, Any], signal: str) -> dict[str, Any]:
+    """Measured bytes per token row of what a `signal` student reads from this cache."""
+    totals = manifest["totals"]
+    rows = totals["n_rows"]
+    per = {n: totals["field_bytes"][n] / rows for n in SIGNAL_ARRAYS[signal]
+           if n in totals["field_bytes"]}
+    out: dict[str, Any] = {"n_rows": rows, "arrays": per, "per_token": sum(per.values())}
+    if signal == "exact":
+        tensors = manifest["head"]["tensors"]
+        head = sum(math.prod(tensors[t]["shape"]) * _itemsize(tensors[t]["dtype"])
+                   for t in HEAD_TENSORS if t in tensors)
+        out |= {"head_bytes": head, "head_per_token_here": head / rows}
+    return out
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}[dtype]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _load_evidence_module() -> Any:
+    """benchmarks/evidence.py as the module `evidence`: its student jobs run in spawned
+    workers, which find it by that name on the sys.path they inherit."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import evidence
+
+    return evidence
+
+
+def _reused(ev_dir: Path, run: str) -> dict[str, Any] | None:
+    done = ev_dir / "runs" / run / "truth.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def build_caches(ev_dir: Path, out: Path, names: list[str]) -> dict[str, dict[str, Path]]:
+    """One train+valid cache per variant, from the evidence teacher (skip-finished)."""
+    from dskd.pipeline.toyworld import ToyWorld
+    from dskd.stages import quickstart as qs
+
+    world = ToyWorld.load(ev_dir / "world")
+    teacher = ev_dir / "runs" / "teacher" / "final"
+    if not (teacher / "config.json").is_file():
+        raise SystemExit(f"{teacher}: no teacher there; run benchmarks/evidence.py --out {ev_dir} "
+                         "first (it trains the teacher before any student)")
+    variants = cache_variants()
+    got = {None: {"train": ev_dir / "cache" / "train", "valid": ev_dir / "cache" / "valid"}}
+    for name in names:
+        got[name] = qs.cache_splits(out / "variants" / name, world, teacher,
+                                    qs.SIZES["evidence"], "cpu", progress=False, **variants[name])
+    return got
+
+
+def run_arms(ev: Any, ev_dir: Path, out: Path, todo: list[Arm], seeds: list[int],
+             workers: int, threads: int) -> list[dict[str, Any]]:
+    """Per-run records; evidence runs an arm is identical to are read, the rest trained here."""
+    from dskd.pipeline.cache.manifest import load_manifest
+    from dskd.pipeline.toyworld import ToyWorld
+
+    world = ToyWorld.load(ev_dir / "world")
+    sz = ev.qs.SIZES[ev.PRESET]
+    caches = build_caches(ev_dir, out, sorted({a.cache for a in todo if a.cache}))
+    records, jobs = [], []
+    for arm in todo:
+        sb = signal_bytes(load_manifest(caches[arm.cache]["train"]), arm.signal)
+        for s in seeds:
+            rec = {"arm": arm.name, "label": arm.label, "signal": arm.signal,
+                   "cache": arm.cache or "evidence", "extra": arm.extra, "model": arm.model,
+                   "method": arm.method, "seed": s, "bytes": sb}
+            got = _reused(ev_dir, f"{arm.reuse}-s{s}") if arm.reuse else None
+            if got is not None:
+                records.append(rec | {"run": str(ev_dir / "runs" / f"{arm.reuse}-s{s}"),
+                                      "source": "evidence", "valid": got["valid"],
+                                      "test": got["test"]})
+                continue
+            init = ev_dir / "inits" / f"{arm.model}-s{s}"
+            if not (init / "config.json").is_file():
+                raise SystemExit(f"{init}: no student init for seed {s}; the evidence run "
+                                 "writes them (benchmarks/evidence.py --seeds ≥ {s})")
+            jobs.append({"world": str(world.root), "out": str(out), "run": f"{arm.name}-s{s}",
+                         "init": str(init), "sizes": None,
+                         "caches": {k: str(v) for k, v in caches[arm.cache].items()},
+                         "common": {"device": "cpu", "template": sz.template,
+                                    "tensorboard": False, "seed": s},
+                         "method": arm.method, "divergence": "fkl",
+                         "extra": ev.STUDENT_EXTRA | arm.extra, "record": rec})
+    for j in ev._run_jobs(jobs, workers, threads):
+        records.append(j["record"] | {"run": str(out / "runs" / j["run"]), "source": "here",
+                                      "valid": j["scores"]["valid"], "test": j["scores"]["test"]})
+    return records
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(records: list[dict[str, Any]], gates: dict[str, bool] | None = None,
+              metric: str = "excess_kl") -> dict[str, Any]:
+    """Per arm: bytes/token, mean ± 95% t half-width, paired difference to the fp16-exact arm
+    (variant − exact; > 0 = further from the truth), Holm verdicts over the variants; and the
+    DSKD-ETA vs DSKD-CMA claim (with the evidence gates when given)."""
+    from dskd.pipeline.verdicts import Claim, judge, paired_test
+
+    per_seed: dict[str, dict[int, float]] = {}
+    first: dict[str, dict[str, Any]] = {}
+    for r in records:
+        per_seed.setdefault(r["arm"], {})[r["seed"]] = r["test"][metric]
+        first.setdefault(r["arm"], r)
+    curve = [a for a in per_seed if first[a]["model"] == "student"]
+    others = [a for a in curve if a != EXACT]
+    verdicts = {}
+    if EXACT in per_seed and others:
+        claims, _ = judge(per_seed, [Claim(a, EXACT, a) for a in others], {})
+        verdicts = {c["claim"]: c for c in claims}
+    rows = []
+    for a in curve:
+        vals = [per_seed[a][s] for s in sorted(per_seed[a])]
+        t = paired_test(vals) if len(vals) > 1 else {"mean": vals[0], "ci95": [vals[0]] * 2}
+        row = {"arm": a, "label": first[a]["label"], "signal": first[a]["signal"],
+               "bytes_per_token": first[a]["bytes"]["per_token"], "bytes": first[a]["bytes"],
+               "n": len(vals), "mean": t["mean"], "half": t["ci95"][1] - t["mean"],
+               "per_seed": per_seed[a]}
+        if a in verdicts:
+            c = verdicts[a]
+            row["vs_exact"] = {"mean": c["mean"], "ci95": c["ci95"],
+                               "p_holm": c["p_holm"], "seeds": c["seeds"],
+                               "verdict": {"holds": "worse", "reversed": "better",
+                                           "inconclusive": "indistinguishable"}[c["verdict"]]}
+        rows.append(row)
+    out: dict[str, Any] = {"metric": metric, "curve": rows}
+    if ETA in per_seed and CMA in per_seed:
+        claim = Claim("DSKD-ETA > DSKD-CMA", ETA, CMA, gates=tuple(gates or ()))
+        recs, outcome = judge(per_seed, [claim], gates or {})
+        out["eta_vs_cma"] = recs[0] | {"gates_outcome": outcome, "gates_from": (
+            "evidence.json" if gates else "none (evidence.json not written yet)"),
+            "means": {n: sum(per_seed[n].values()) / len(per_seed[n]) for n in (ETA, CMA)}}
+    return out
+
+
+def _gates(ev_dir: Path) -> dict[str, bool] | None:
+    f = ev_dir / "evidence.json"
+    if not f.is_file():
+        return None
+    g = json.loads(f.read_text())["gates"]
+    return {k: bool(v["holds"]) for k, v in g.items()}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(summary: dict[str, Any], figure: str | None = "curve.png") -> str:
+    lines = [("| variant | signal B/token | excess KL (nats/response) | variant − exact (paired) "
+              "| 95% CI | p (Holm) | reading |"), "|---|---:|---:|---:|---|---:|---|"]
+    for r in sorted(summary["curve"], key=lambda r: -r["bytes_per_token"]):
+        v = r.get("vs_exact")
+        tail = (f"{v['mean']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | "
+                f"{v['p_holm']:.2g} | {v['verdict']}" if v else "— | — | — | reference")
+        lines.append(f"| {r['label']} | {r['bytes_per_token']:.1f} | {r['mean']:.3f} ± "
+                     f"{r['half']:.3f} | {tail} |")
+    e = summary.get("eta_vs_cma")
+    if e:
+        lines += ["", "| claim | mean paired diff (nats/response) | 95% CI | p | verdict |",
+                  "|---|---:|---|---:|---|",
+                  (f"| {e['claim']} (ETA {e['means'][ETA]:.3f}, CMA {e['means'][CMA]:.3f}) | "
+                   f"{e['mean']:+.3f} | [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}] | "
+                   f"{e['p_holm']:.3g} | **{e['verdict']}** |")]
+    if figure:
+        lines += ["", f"![storage–accuracy curve]({figure})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Excess KL (mean ± 95% t half-width) against signal bytes/token, log x; one series per
+    signal family, the fp16-exact mean as a dashed line."""
+    from matplotlib.figure import Figure
+
+    from dskd.pipeline.plots import _save
+
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.add_subplot()
+    style = {"exact": ("s", "tab:blue"), "topk-bucket": ("o", "tab:orange"),
+             "topk-renorm": ("^", "tab:green"), "sampled": ("D", "tab:red")}
+    for fam, (marker, color) in style.items():
+        pts = sorted((r for r in summary["curve"] if _family(r) == fam),
+                     key=lambda r: r["bytes_per_token"])
+        if not pts:
+            continue
+        ax.errorbar([r["bytes_per_token"] for r in pts], [r["mean"] for r in pts],
+                    yerr=[r["half"] for r in pts], marker=marker, color=color, capsize=3,
+                    linestyle="-" if fam != "exact" else "none", label=fam)
+        for r in pts:
+            ax.annotate(r["label"].split(",")[0] if fam != "exact" else r["label"],
+                        (r["bytes_per_token"], r["mean"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7, color=color)
+    ref = next((r for r in summary["curve"] if r["arm"] == EXACT), None)
+    if ref:
+        ax.axhline(ref["mean"], color="tab:blue", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per token row the student reads (measured; log scale)")
+    ax.set_ylabel("test excess KL to the truth (nats/response)")
+    ax.set_title("KD student quality vs what the cache stores")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _family(row: dict[str, Any]) -> str:
+    if row["signal"] == "topk":
+        return "topk-" + row["arm"].rsplit("-", 1)[1]
+    return row["signal"]
+
+
+def doc_section(summary: dict[str, Any], command: str, figure: str) -> str:
+    return "\n".join(["## Storage–accuracy curve", "", f"Command: `{command}`", "",
+                      render(summary, figure)]) + "\n"
+
+
+def write_section(doc: Path, section: str, heading: str = "## Storage–accuracy curve") -> None:
+    """Replace `heading`'s section of `doc` (up to the next `## `) or append it at the end."""
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    start = text.find(heading + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    else:
+        nxt = text.find("\n## ", start + len(heading))
+        rest = text[nxt + 1:] if nxt >= 0 else ""
+        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+    doc.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--evidence", type=Path, required=True, help="a benchmarks/evidence.py --out dir")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--seeds", type=int, default=5, help="evidence seeds 1..N (paired), ≥ 2")
+    ap.add_argument("--no-eta", action="store_true", help="skip the DSKD-ETA vs DSKD-CMA arm")
+    ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--write-doc", type=Path, default=None,
+                    help="also put the section into this markdown file (replaced if there)")
+    a = ap.parse_args()
+    if a.seeds < 2:
+        ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
+    a.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    ev = _load_evidence_module()
+    seeds = list(range(1, a.seeds + 1))
+    todo = arms() + ([] if a.no_eta else eta_arms())
+    records = run_arms(ev, a.evidence, a.out, todo, seeds, a.workers, a.threads)
+    summary = summarize(records, _gates(a.evidence))
+    command = ("python benchmarks/storage_curve.py --evidence EV --out OUT"
+               + (f" --seeds {a.seeds}" if a.seeds != 5 else ""))
+    result = {"command": command, "evidence": str(a.evidence), "seeds": seeds,
+              "records": records, **summary}
+    (a.out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(summary, a.out / "curve.png")
+    (a.out / "curve.md").write_text(render(summary))
+    print(render(summary))
+    if a.write_doc:
+        figs = a.write_doc.parent / "results"
+        figs.mkdir(parents=True, exist_ok=True)
+        plot(summary, figs / "storage-curve.png")
+        write_section(a.write_doc, doc_section(summary, command, "results/storage-curve.png"))
+
+
+if __name__ == "__main__":
+    main()

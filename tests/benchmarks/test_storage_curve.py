@@ -1,0 +1,112 @@
+"""benchmarks/storage_curve.py: bytes/token counts exactly the arrays a student reads, and the
+curve's verdicts, table, figure and doc section follow from per-seed records alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def sc():
+    spec = importlib.util.spec_from_file_location("storage_curve",
+                                                  ROOT / "benchmarks" / "storage_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(toy_world, tmp_path_factory):
+    """fp8 hidden + top-4 + 8 sampled draws in one cache (12 examples, 2 shards)."""
+    from dskd.stages.cache_teacher import CacheTeacherConfig
+    from dskd.stages.cache_teacher import run as cache_run
+
+    d = tmp_path_factory.mktemp("curve")
+    lines = Path(toy_world.train).read_text().splitlines()[:12]
+    (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+    cache_run(CacheTeacherConfig(teacher=str(toy_world.teacher), data=str(d / "train.jsonl"),
+                                 out=str(d / "cache"), hidden_dtype="fp8", top_k=4,
+                                 sampled_targets=8, sampled_temperature=2.0, shard_size=8,
+                                 progress=False))
+    return d / "cache"
+
+
+READS = {"exact": ["hidden"], "topk": ["topk_ids", "topk_logprobs", "tail_logprob"],
+         "sampled": ["sampled_ids", "sampled_counts"]}  # pipeline/train/setup.cache_fields
+
+
+@pytest.mark.parametrize("signal", ["exact", "topk", "sampled"])
+def test_bytes_per_token_are_the_stored_bytes_of_the_arrays_the_reader_opens(sc, tiny_cache,
+                                                                             signal):
+    from dskd.pipeline.cache.manifest import load_manifest
+    from dskd.pipeline.cache.reader import CacheReader
+
+    m = load_manifest(tiny_cache)
+    got = sc.signal_bytes(m, signal)
+    reader = CacheReader(tiny_cache, fields=READS[signal])
+    opened = set()
+    for i in reader.shard_indices():
+        opened |= set(reader._shard(i).arrays)
+    assert set(got["arrays"]) == opened  # no array missed, none counted that is not read
+    on_disk = sum(f.stat().st_size for s in (tiny_cache / "shards").iterdir() for name in opened
+                  for f in (s / name).rglob("*") if f.is_file())
+    assert got["per_token"] == pytest.approx(on_disk / m["totals"]["n_rows"], rel=1e-9)
+    if signal == "exact":
+        v, d = m["layout"]["vocab_size"], m["layout"]["hidden_size"]
+        assert got["head_bytes"] >= 4 * v * d  # the fp32 head, the embeddings not counted
+        assert got["head_bytes"] < 8 * v * d
+
+
+def _records(sc, means: dict[str, float], seeds=(1, 2, 3, 4, 5)):
+    wiggle = [0.0, 0.03, -0.02, 0.05, -0.04]  # a seed effect every arm shares
+    noise = [0.001, -0.002, 0.002, -0.001, 0.0]
+    arms = {a.name: a for a in sc.arms() + sc.eta_arms()}
+    out = []
+    for j, (name, mu) in enumerate(means.items()):
+        a = arms[name]
+        for i, s in enumerate(seeds):
+            kl = mu + wiggle[i] + noise[(i + j) % 5]
+            out.append({"arm": name, "label": a.label, "signal": a.signal, "model": a.model,
+                        "seed": s, "bytes": {"per_token": 100.0 / (j + 1)},
+                        "valid": {"excess_kl": kl}, "test": {"excess_kl": kl}})
+    return out
+
+
+def test_verdicts_table_figure_and_doc_follow_from_the_records(sc, tmp_path):
+    recs = _records(sc, {"exact-fp16": 0.50, "exact-fp8": 0.50, "topk1-bucket": 0.80,
+                         "sampled4": 0.40, "xvocab-dskd-eta": 0.70, "xvocab-dskd-cma": 0.90})
+    s = sc.summarize(recs, {"G1": True, "G2": True})
+    rows = {r["arm"]: r for r in s["curve"]}
+    assert set(rows) == {"exact-fp16", "exact-fp8", "topk1-bucket", "sampled4"}
+    assert "vs_exact" not in rows["exact-fp16"]
+    assert rows["exact-fp8"]["vs_exact"]["verdict"] == "indistinguishable"
+    assert rows["topk1-bucket"]["vs_exact"]["verdict"] == "worse"
+    assert rows["topk1-bucket"]["vs_exact"]["mean"] == pytest.approx(0.30, abs=0.01)
+    assert rows["sampled4"]["vs_exact"]["verdict"] == "better"
+    assert s["eta_vs_cma"]["verdict"] == "holds"
+    assert s["eta_vs_cma"]["mean"] == pytest.approx(0.20, abs=0.01)
+    # a failed evidence gate makes the ETA claim not testable, never "does not hold"
+    assert sc.summarize(recs, {"G1": False, "G2": True})["eta_vs_cma"]["verdict"] == "not testable"
+
+    md = sc.render(s)
+    body = [ln for ln in md.splitlines() if ln.startswith("| ") and "B/token" not in ln]
+    assert [ln.split(" | ")[0] for ln in body[:4]] == [  # most bytes first
+        "| exact, fp16 hidden", "| exact, fp8 hidden", "| top-1, bucket", "| sampled N=4"]
+    assert "**holds**" in md and "+0.300" in md
+    png = sc.plot(s, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\ntop part\n\n## Storage–accuracy curve\n\nstale text\n\n## Later\n\nkeep\n")
+    sc.write_section(doc, sc.doc_section(s, "python benchmarks/storage_curve.py ...", "f.png"))
+    text = doc.read_text()
+    assert "stale text" not in text and "top part" in text and text.endswith("f.png)\n\n## Later\n\nkeep\n")
+    assert text.count("## Storage–accuracy curve") == 1 and "sampled N=4" in text
