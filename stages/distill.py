@@ -245,6 +245,8 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     ckpt_state = ckpt.load_checkpoint(resume_from) if resume_from else None
     if ckpt_state:  # the same plan (order, schedule, objective), or refuse naming what differs
         resume.check_plan(resume_from.name, ckpt_state["trainer"], cfg, env.world_size)
+        cfg, start_notes = resume.keep_start_settings(ckpt_state["trainer"], cfg)
+        inp.notes += start_notes
     for note in inp.notes:
         say(f"[yellow]note:[/] {note}")
 

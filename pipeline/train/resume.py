@@ -6,7 +6,8 @@ geometry, and the LR schedule is a function of the total step count. Resuming wi
 trainer.json's config, world size and schedule are compared with the new run's and every unsafe
 difference is refused at once, by name, before any model loads.
 
-Safe to change: where files live (a cache or run dir may move; the rows are pinned by count),
+Safe to change: whether --force allows a warned setting (it is no part of the plan; the setting
+itself is compared), where files live (a cache or run dir may move; the rows are pinned by count),
 how data is loaded, how often to log / validate / save, the device and precision. The batch
 geometry may change when the global batch (batch × grad-accum × processes, in examples) stays
 the same: the position is then re-expressed in examples and mapped onto the new micro-batches,
@@ -17,6 +18,7 @@ there the geometry must stay exactly as saved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -27,8 +29,13 @@ SAFE_KEYS = frozenset({
     "student", "out", "cache", "teacher", "data", "valid-cache", "valid-data",  # paths may move
     "resume", "overwrite", "device", "precision", "fsdp", "tensorboard", "trace-examples",
     "num-workers", "loader-cache-mb", "dense-logits-max-mb",
-    "log-interval", "eval-interval", "save-interval", "keep-last",
+    "log-interval", "eval-interval", "save-interval", "keep-last", "force",
 })
+# Read once, before step 1: --init-seed re-initialises the student from its config.json, and on
+# resume the weights come from the checkpoint instead, so another value changes nothing; the run
+# keeps (and records) the checkpoint's. With --lora the frozen base is rebuilt from the seed at
+# every start, so there it is part of the plan.
+START_ONLY_KEYS = frozenset({"init-seed"})
 GEOMETRY_KEYS = ("batch-size", "grad-accum", "batch-tokens")
 # Saved unset by runs before the stage recorded resolved values; the cache's fingerprint pins them.
 INHERITED_KEYS = frozenset({"template", "max-prompt-len", "max-len"})
@@ -49,6 +56,7 @@ def plan_differences(saved: dict[str, Any], cfg: Any, world_size: int) -> list[s
     then = _plain(to_dict(type(cfg)())) | saved.get("config", {})
     diffs = [f"{k}: checkpoint {then.get(k)!r}, this run {v!r}" for k, v in now.items()
              if k not in SAFE_KEYS and k not in GEOMETRY_KEYS and then.get(k) != v
+             and not (k in START_ONLY_KEYS and not now.get("lora"))
              and not (k in INHERITED_KEYS and then.get(k) is None)]
     old_world = int(saved.get("world_size", world_size))
     geometry = {k: (then.get(k), now[k]) for k in GEOMETRY_KEYS}
@@ -70,6 +78,27 @@ def plan_differences(saved: dict[str, Any], cfg: Any, world_size: int) -> list[s
                              f"this run {now['batch-size']} × {now['grad-accum']} × {world_size} "
                              f"= {g_new}")
     return diffs
+
+
+def keep_start_settings(saved: dict[str, Any], cfg: Any) -> tuple[Any, list[str]]:
+    """`cfg` with the checkpoint's start-only settings (what the run was started with, so the
+    records say what ran) and a note for each value this run gave that has no effect."""
+    if getattr(cfg, "lora", False):
+        return cfg, []  # part of the plan there: check_plan compared them
+    then = _plain(to_dict(type(cfg)())) | saved.get("config", {})
+    now = _plain(to_dict(cfg))
+    keep, notes = {}, []
+    for k in sorted(START_ONLY_KEYS):
+        if then.get(k) != now.get(k):
+            keep[k.replace("-", "_")] = then.get(k)
+            notes.append(f"--{k} {_shown(now.get(k))} is ignored on resume: the student's weights "
+                         f"come from the checkpoint (the run started with --{k} "
+                         f"{_shown(then.get(k))}, which it keeps)")
+    return (dataclasses.replace(cfg, **keep) if keep else cfg), notes
+
+
+def _shown(v: Any) -> str:
+    return "unset" if v is None else str(v)
 
 
 def check_plan(ckpt_name: str, saved: dict[str, Any], cfg: Any, world_size: int) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dskd.pipeline.config import ConfigError
+from dskd.pipeline.config import ConfigError, load_config
 from dskd.pipeline.losses.registry import (
     METHODS,
     OPTION_SCOPES,
@@ -238,8 +238,12 @@ def test_resume_with_other_settings_is_refused_naming_them(world, tmp_path):
                  "max-steps: checkpoint 2, this run 3", "global batch", "= 4, this run 8 × 1 × 1"):
         assert part in msg
     assert read_metrics(tmp_path / "r") == rows  # refused before anything ran
-    # where files are, how data is loaded and how often to log are safe to change
-    run(cfg(world, tmp_path / "r", resume=True, **(args | {"log_interval": 5, "keep_last": 3})))
+    # where files are, how data is loaded and how often to log are safe to change; so are --force
+    # (no part of the plan) and --init-seed (the checkpoint's weights win; its seed is kept)
+    run(cfg(world, tmp_path / "r", resume=True, **(args | {"log_interval": 5, "keep_last": 3,
+                                                            "force": True, "init_seed": 9})))
+    got = load_config(DistillConfig, tmp_path / "r" / "config.yaml")
+    assert got.init_seed is None and got.force
 
 
 def test_resume_with_the_same_global_batch_split_differently(world, tmp_path):

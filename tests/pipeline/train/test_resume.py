@@ -10,6 +10,7 @@ from dskd.pipeline.config import to_dict
 from dskd.pipeline.train.resume import (
     ResumeMismatchError,
     check_schedule,
+    keep_start_settings,
     map_position,
     plan_differences,
 )
@@ -31,6 +32,24 @@ def test_safe_changes_pass_and_unsafe_ones_are_named():
     assert plan_differences(saved, moved, world_size=2) == []
     diffs = plan_differences(saved, replace(BASE, seed=1, kd_rate=0.9, lr_schedule="constant"), 2)
     assert [d.split(":")[0] for d in diffs] == ["kd-rate", "lr-schedule", "seed"]
+
+
+def test_force_and_init_seed_do_not_block_a_resume():
+    """--force only allows a warned setting (the setting itself is compared); --init-seed is read
+    before step 1 only: the checkpoint's weights win, so the run keeps and records its seed."""
+    saved = _saved(replace(BASE, init_seed=3), world=1)
+    now = replace(BASE, force=True, init_seed=5)
+    assert plan_differences(saved, now, 1) == []
+    kept, notes = keep_start_settings(saved, now)
+    assert kept.init_seed == 3 and kept.force
+    assert notes == [("--init-seed 5 is ignored on resume: the student's weights come from the "
+                      "checkpoint (the run started with --init-seed 3, which it keeps)")]
+    assert keep_start_settings(saved, replace(now, init_seed=3)) == (replace(now, init_seed=3), [])
+    # with --lora the frozen base is rebuilt from the seed at every start: part of the plan
+    lora = replace(BASE, lora=True, init_seed=3)
+    (d,) = plan_differences(_saved(lora, world=1), replace(lora, init_seed=5), 1)
+    assert d == "init-seed: checkpoint 3, this run 5"
+    assert keep_start_settings(_saved(lora, world=1), replace(lora, init_seed=5))[1] == []
 
 
 def test_geometry_may_change_only_with_the_same_global_batch():
