@@ -434,7 +434,7 @@ def run(cfg: EvalConfig) -> Path:
     }
     atomic_write_text(out / report_mod.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     report_mod.write_report(results, out)
-    _print_summary(scores, names)
+    _print_summary(scores, names, truth_scores)
     return out / report_mod.RESULTS_FILE
 
 
@@ -639,11 +639,14 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _print_summary(scores: dict, names: list[str]) -> None:
+def _print_summary(scores: dict, names: list[str], truth_scores: dict | None = None) -> None:
     from rich.table import Table
 
+    if truth_scores:  # the exact numbers first, as in report.md
+        console.print("Against the truth (exact, lower excess KL is better):")
+        console.print(report_mod.truth_table(truth_scores), markup=False, highlight=False)
     table, columns = report_mod.score_table(scores, "rougeL")
-    t = Table(title="ROUGE-L (mean ± std over seeds)")
+    t = Table(title="ROUGE-L (mean ± std over seeds)", caption=report_mod.ROUGE_NOTE)
     t.add_column("model")
     for c in columns:
         t.add_column(c, justify="right")

@@ -101,9 +101,11 @@ TRUTH_NOTE = ("Exact, no sampling: excess KL = KL(p_true ‖ model) over each pr
               "answers (0 = the truth; lower is better), validity mass = the model's probability "
               "of producing any valid answer, excess NLL = held-out NLL minus the true entropy. "
               "Per-token numbers divide by the expected answer length in the reference "
-              "tokenizer ({ref}), so vocabularies compare fairly. ROUGE-L takes the best match "
-              "over the valid answers: it sees whether an answer is valid, not whether the model "
-              "spreads its probability over the answers as the truth does.")
+              "tokenizer ({ref}), so vocabularies compare fairly.")
+ROUGE_NOTE = ("ROUGE-L (the paper's metric) scores each sampled answer against its best-matching "
+              "reference: it sees whether an answer is valid and how close its wording is, not "
+              "whether the model spreads its probability over the valid answers as the truth "
+              "does, and it carries sampling noise.")
 
 
 def truth_table(truth: dict) -> str:
@@ -145,8 +147,13 @@ def write_report(results: dict, out_dir: str | Path, title: str = "dskd eval") -
     for proto in results.get("protocols", [results.get("protocol")]):
         if proto:
             parts.append(f"Protocol: {_protocol_line(proto)}.")
+    if results.get("truth"):  # the exact numbers first: they are what ROUGE-L cannot show
+        ref = next((t.get("reference_tokenizer") for per_set in results["truth"].values()
+                    for t in per_set.values()), "")
+        parts += ["", "## Against the truth (exact; eval data with `probs`)", "",
+                  truth_table(results["truth"]), "", TRUTH_NOTE.format(ref=ref or "the first model's")]
     if columns:  # nothing generated (--no-generate): no text-score tables
-        parts += ["", "## ROUGE-L (mean ± std over seeds, ×100)", "",
+        parts += ["", "## ROUGE-L (mean ± std over seeds, ×100)", "", ROUGE_NOTE, "",
                   markdown_table(table, columns), "", "## Exact match (mean ± std over seeds, %)",
                   "", markdown_table(em_table, columns)]
     if results.get("heldout"):
@@ -156,11 +163,6 @@ def write_report(results: dict, out_dir: str | Path, title: str = "dskd eval") -
     if len(set(coverage.values())) > 1:
         parts += ["", ("Note: models were scored on different eval sets; each Average covers only "
                   "its own row's sets.")]
-    if results.get("truth"):
-        ref = next((t.get("reference_tokenizer") for per_set in results["truth"].values()
-                    for t in per_set.values()), "")
-        parts += ["", "## Against the truth (exact; eval data with `probs`)", "",
-                  truth_table(results["truth"]), "", TRUTH_NOTE.format(ref=ref or "the first model's")]
     if results.get("fidelity"):
         parts += ["", "## Fidelity to the teacher (held-out cache)", "",
                   fidelity_table(results["fidelity"])]

@@ -292,6 +292,33 @@ def test_training_curves_found_next_to_checkpoint(toy_world, tmp_path):
     assert "training_curves.png" in (out / "report.md").read_text()
 
 
+def _synthetic_results(truth: bool) -> dict:
+    cell = {"mean": 20.0, "std": 1.0, "per_seed": {"10": 20.0}}
+    scores = {m: {"test": {"rougeL": cell, "exact_match": cell}} for m in ("sft", "kd")}
+    out = {"scores": scores, "models": {m: {} for m in scores}, "protocol": None}
+    if truth:
+        out["truth"] = {m: {"test": {"excess_kl": kl, "excess_kl_per_token": kl / 10,
+                                     "validity": 0.5, "excess_nll": kl,
+                                     "reference_tokenizer": "bpe"}}
+                        for m, kl in (("sft", 1.25), ("kd", 0.75))}
+    return out
+
+
+@pytest.mark.parametrize("truth", [True, False])
+def test_report_puts_exact_metrics_first_and_says_what_rouge_sees(tmp_path, truth):
+    """With true probabilities the exact table leads the report; ROUGE-L always comes with the
+    line saying what it can and cannot see."""
+    rep.write_report(_synthetic_results(truth), tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert rep.ROUGE_NOTE in report
+    assert report.index(rep.ROUGE_NOTE) > report.index("## ROUGE-L")
+    if truth:
+        assert report.index("## Against the truth") < report.index("## ROUGE-L")
+        assert "| kd | 0.7500 |" in report and "| sft | 1.2500 |" in report
+    else:
+        assert "## Against the truth" not in report
+
+
 def test_a_run_dir_gives_its_best_checkpoint_and_lora_adapters_are_evaluable(toy_world, tmp_path,
                                                                             capsys):
     """`--model RUN_DIR` takes the checkpoint the run selected (best.json) and says so, else
