@@ -102,10 +102,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-# The curves a reader needs, in panel order: the objective, its CE and KD parts, and the
-# validation number that picks the checkpoint. lr, throughput, grad norm and per-term
-# accuracies stay in metrics.jsonl (and TensorBoard) for whoever debugs a run.
-CURVES = ("loss", "ce_loss", "kd_loss", "valid_ce_loss", "valid_rougeL")
+# The curves a reader needs, in panel order: the training objective, its CE and KD parts (and
+# DSKD's two KD terms, one per space, which can diverge while their sum looks fine), and the
+# validation numbers that pick the checkpoint. lr, throughput, grad norm, token counts,
+# accuracies and validation copies of the loss terms stay in metrics.jsonl (and TensorBoard)
+# for whoever debugs a run.
+CURVES = ("loss", "ce_loss", "kd_loss", "t2s_kd_loss", "s2t_kd_loss", "valid_ce_loss",
+          "valid_rougeL")
 
 
 def curve_keys(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:

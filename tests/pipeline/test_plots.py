@@ -96,6 +96,33 @@ def test_training_curves_panels_and_lines(tmp_path):
         plots.training_curves_figure({"x": [{"step": 1}]})
 
 
+# every key `dskd distill` writes to metrics.jsonl for an SFT and a DSKD run (train + valid)
+_SFT_ROW = {"accuracy": 0.4, "ce_loss": 2.0, "loss": 2.0, "epoch": 0, "lr": 3e-3,
+            "projector_lr": 6e-3, "grad_norm": 1.5, "tokens_per_s": 900.0, "label_tokens": 400.0}
+_DSKD_ROW = {**_SFT_ROW, "kd_loss": 3.0, "t2s_ce_loss": 2.5, "t2s_kd_loss": 0.3,
+             "s2t_kd_loss": 0.2, "t2s_acc": 0.3, "s2t_acc": 0.2}
+_VALID = {"valid_ce_loss": 2.1, "valid_loss": 2.1, "valid_accuracy": 0.4, "valid_rougeL": 31.0}
+
+
+def test_training_curves_pick_only_the_chosen_series_from_a_full_run_log():
+    """Of the ~20 keys a run logs, the figure shows the objective, its CE and KD terms and the
+    validation metrics: exactly those panels, and in each only the runs that logged it."""
+    runs = {"sft": [{"step": 1, **_SFT_ROW}, {"step": 2, **_SFT_ROW, **_VALID}],
+            "dskd": [{"step": 1, **_DSKD_ROW}, {"step": 2, **_DSKD_ROW, **_VALID,
+                                                 "valid_kd_loss": 3.1, "valid_s2t_acc": 0.2}]}
+    want = ["loss", "ce_loss", "kd_loss", "t2s_kd_loss", "s2t_kd_loss", "valid_ce_loss",
+            "valid_rougeL"]
+    assert plots.curve_keys(runs) == want
+    fig = plots.training_curves_figure(runs)
+    series = {ax.get_title(): [ln.get_label() for ln in ax.get_lines()] for ax in fig.axes}
+    assert list(series) == want
+    assert series == {"loss": ["sft", "dskd"], "ce_loss": ["sft", "dskd"], "kd_loss": ["dskd"],
+                      "t2s_kd_loss": ["dskd"], "s2t_kd_loss": ["dskd"],
+                      "valid_ce_loss": ["sft", "dskd"], "valid_rougeL": ["sft", "dskd"]}
+    sft_only = {"sft": runs["sft"][:1]}  # no validation yet, no KD: two panels
+    assert plots.curve_keys(sft_only) == ["loss", "ce_loss"]
+
+
 def test_a_run_keeps_its_color_in_panels_only_it_logs():
     runs = {"sft": [{"step": s, "loss": 1.0 / (s + 1)} for s in range(3)],
             "dskd": [{"step": s, "loss": 2.0 / (s + 1), "kd_loss": 0.5} for s in range(3)]}
