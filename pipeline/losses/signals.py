@@ -16,8 +16,23 @@ from dskd.pipeline.losses.common import HeadLogits, head_logits, label_mask
 from dskd.pipeline.losses.divergences import SampledTarget, SparseTarget, Target
 
 
+class _Labelled:
+    """The label mask and labelled rows of one side (both dataclasses have these fields)."""
+
+    labels: Tensor  # (B, T) int64, -100 = ignore
+    label_index: Tensor | None  # (n,) flat rows with a label, from the loader (no sync)
+
+    @property
+    def mask(self) -> Tensor:
+        return label_mask(self.labels)
+
+    def selection(self) -> Tensor:
+        """The labelled rows for `map_rows(select=...)`: the loader's indices if it sent them."""
+        return self.label_index if self.label_index is not None else self.mask.reshape(-1)
+
+
 @dataclass
-class StudentBatch:
+class StudentBatch(_Labelled):
     labels: Tensor  # (B, T_s) int64
     logits: Tensor | None = None  # (B, T_s, V_s); computed from hidden @ lm_head.T if absent
     hidden: Tensor | None = None  # (B, T_s, D_s) input of the LM head (post final norm)
@@ -27,14 +42,6 @@ class StudentBatch:
     embed_weight: Tensor | None = None  # (V_s, D_s) input embeddings: CMA queries
     label_index: Tensor | None = None  # (n,) flat rows with a label, from the loader (no sync)
     aligned_rows: Tensor | None = None  # (B*T_s,) MinED teacher partner rows, from the loader
-
-    @property
-    def mask(self) -> Tensor:
-        return label_mask(self.labels)
-
-    def selection(self) -> Tensor:
-        """The labelled rows for `map_rows(select=...)`: the loader's indices if it sent them."""
-        return self.label_index if self.label_index is not None else self.mask.reshape(-1)
 
     @property
     def vocab_size(self) -> int:
@@ -56,7 +63,7 @@ class StudentBatch:
 
 
 @dataclass
-class TeacherSignal:
+class TeacherSignal(_Labelled):
     labels: Tensor  # (B, T_t) int64
     input_ids: Tensor | None = None  # (B, T_t)
     logits: Tensor | None = None  # (B, T_t, V_t) dense
@@ -75,14 +82,6 @@ class TeacherSignal:
     sampled_counts: Tensor | None = None  # (B, T_t, W) their counts (0 = padding)
     sample_temperature: float | None = None  # temperature of the draws (cache layout)
     label_index: Tensor | None = None  # (n,) flat rows with a label, from the loader (no sync)
-
-    @property
-    def mask(self) -> Tensor:
-        return label_mask(self.labels)
-
-    def selection(self) -> Tensor:
-        """The labelled rows for `map_rows(select=...)`: the loader's indices if it sent them."""
-        return self.label_index if self.label_index is not None else self.mask.reshape(-1)
 
     @property
     def has_dense(self) -> bool:

@@ -598,6 +598,16 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(world, tmp_path):
     assert [r["step"] for r in train_rows(b)] == list(range(1, 9))
 
 
+def _assert_same_run(one: Path, two: Path, steps: int) -> None:
+    """Two runs of the same plan: the same losses and label tokens per step, the same weights."""
+    a, b = train_rows(one), train_rows(two)
+    assert len(a) == len(b) == steps
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["label_tokens"] == x["label_tokens"]
+    assert max_diff(weights(one), weights(two)) < 1e-5
+
+
 def _torchrun(n: int, args: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n),
            "-m", "dskd.cli", "distill", *args]
@@ -623,12 +633,7 @@ def test_torchrun_two_processes_match_one(world, tmp_path, fsdp):
             row = json.loads(line)
             seen.setdefault(row["epoch"], []).extend(row["ids"])
     assert len(seen[0]) == N_TRAIN and len(set(seen[0])) == N_TRAIN  # none missing, none twice
-    a, b = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
-    assert len(a) == len(b) == steps
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
-        assert y["label_tokens"] == x["label_tokens"]
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    _assert_same_run(tmp_path / "one", tmp_path / "two", steps)
 
 
 @pytest.mark.slow
@@ -641,12 +646,7 @@ def test_two_nodes_match_one(world, tmp_path, torchrun_two_nodes):
                                             "num-workers": 1})
     subprocess.run(_cli(*one), check=True, env=ENV, capture_output=True)
     torchrun_two_nodes(["-m", "dskd.cli", "distill", *two], ENV)
-    a, b = train_rows(tmp_path / "one"), train_rows(tmp_path / "two")
-    assert len(a) == len(b) == steps
-    for x, y in zip(a, b):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
-        assert y["label_tokens"] == x["label_tokens"]
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+    _assert_same_run(tmp_path / "one", tmp_path / "two", steps)
 
 
 @pytest.mark.slow
