@@ -207,6 +207,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             f" --world-seed {a.world_seed}" if a.world_seed else "") + (
             f" --seeds {a.seeds}" if a.seeds != 5 else ""),
         "world_seed": a.world_seed, "preset": PRESET, "seeds": seeds,
+        "world": world_stats(world.root),
         "sizes": {"teacher": {"params": teacher_rec["params"], "rows": teacher_rec["rows"],
                               "epochs": sz.teacher_epochs, "lr": sz.teacher_lr,
                               "tokens_seen": teacher_rec["tokens_seen"]},
@@ -335,6 +336,22 @@ def sweep_table(sweep_result: dict) -> str:
     return "\n".join(lines)
 
 
+def world_stats(world_root: Path) -> dict[str, Any]:
+    """The second vocabulary's build-time checks (toyworld.json), recorded with the run."""
+    built = json.loads((Path(world_root) / "toyworld.json").read_text())
+    return {"vs_teacher": built["tokenizers"]["spbpe"]["vs_teacher"]}
+
+
+def _vocab_stats(results: list[dict]) -> str:
+    out = []
+    for r in results:
+        v = r.get("world", {}).get("vs_teacher")
+        if v:
+            out.append(f"{v['label_token_ratio']:.2f}x, {100 * v['boundary_agreement']:.0f}% "
+                       f"(world seed {r['world_seed']})")
+    return "; ".join(out) or "see toyworld.json"
+
+
 def render_doc(results: list[dict], figure_dir: str = "results",
                sweep_result: dict | None = None) -> str:
     """docs/results.md from one or more evidence.json (one per world seed)."""
@@ -351,8 +368,9 @@ def render_doc(results: list[dict], figure_dir: str = "results",
         f"{t['rows']} rows (20k teacher-only + the 300 distillation rows), {t['epochs']} "
         f"epoch(s), lr {t['lr']:g}: {t['tokens_seen']:,} tokens seen."),
         (f"- Students: one Llama architecture for both vocabularies: bpe (teacher's) "
-        f"{st['student']['params'] / 1e6:.2f}M, spbpe (other vocabulary, 1.09x the label "
-        f"tokens, 73% boundary agreement) {st['student_xvocab']['params'] / 1e6:.2f}M; "
+        f"{st['student']['params'] / 1e6:.2f}M, spbpe (other vocabulary; label tokens and "
+        f"boundary agreement vs the teacher's: {_vocab_stats(results)}) "
+        f"{st['student_xvocab']['params'] / 1e6:.2f}M; "
         f"{st['student']['rows']} rows, {st['student']['epochs']} epochs, lr "
         f"{st['student']['lr']:g}, projector lr {st['student']['projector_lr']:g} (2x, the "
         f"paper's ratio): {st['student']['tokens_seen']:,} / "
@@ -410,6 +428,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)  # the teacher: see _init_worker
     if a.doc_from:
         results = [json.loads((d / "evidence.json").read_text()) for d in a.doc_from]
+        for d, r in zip(a.doc_from, results):  # records written before "world" was kept
+            if "world" not in r and (d / "world" / "toyworld.json").is_file():
+                r["world"] = world_stats(d / "world")
         sweeps = [d / "sweep.json" for d in a.doc_from if (d / "sweep.json").is_file()]
         doc = render_doc(results, sweep_result=json.loads(sweeps[0].read_text()) if sweeps else None)
         if a.write_doc:

@@ -70,3 +70,31 @@ def test_kd_not_beating_sft_closes_the_g2_claims(ev):
     verdicts = {c["claim"]: c["verdict"] for c in res["claims"]}
     assert verdicts.pop("KD > SFT") == "inconclusive"
     assert set(verdicts.values()) == {"not testable"}
+
+
+def test_results_page_states_each_worlds_own_vocabulary_checks(ev, tmp_path):
+    """The second vocabulary is rebuilt per world seed: the page reads its checks from each
+    world's toyworld.json instead of quoting one world's numbers for all."""
+    import json
+
+    results = []
+    for ws, (ratio, agree) in enumerate([(1.1078, 0.736), (1.2, 0.81)]):
+        world = tmp_path / f"ev{ws}" / "world"
+        world.mkdir(parents=True)
+        (world / "toyworld.json").write_text(json.dumps({"tokenizers": {"spbpe": {
+            "vs_teacher": {"label_token_ratio": ratio, "boundary_agreement": agree}}}}))
+        res = ev.summarize(_records(ev, MEANS), _teacher(0.3), [1, 2, 3, 4, 5])
+        student = {"params": 2e5, "rows": 300, "epochs": 20, "lr": 3e-3, "projector_lr": 6e-3,
+                   "tokens_seen": 1000}
+        res.update({"world_seed": ws, "seeds": [1, 2, 3, 4, 5], "command": "cmd",
+                    "world": ev.world_stats(world),
+                    "sizes": {"teacher": {"params": 1e6, "rows": 20300, "epochs": 2, "lr": 3e-3,
+                                          "tokens_seen": 5000},
+                              "students": {"student": student, "student_xvocab": student}},
+                    "machine": {"platform": "p", "cpus": 2, "torch": "t"},
+                    "wall_s": {"total": 60, "teacher_and_caches": 10, "students": 50},
+                    "cpu_s": 100})
+        results.append(res)
+    doc = ev.render_doc(results)
+    assert "1.11x, 74% (world seed 0); 1.20x, 81% (world seed 1)" in doc
+    assert "## World seed 0" in doc and "## World seed 1" in doc
