@@ -17,7 +17,8 @@ of excess KL with Holm-corrected verdicts after two gates (pipeline/verdicts.py)
 Writes DIR/evidence.json (per-run and per-claim records), DIR/evidence.md (tables) and
 DIR/forest.png. Student lr/epochs are fixed in stages/quickstart.SIZES["evidence"] (chosen by
 --sweep: SFT only, validation excess KL) and shared by every method; nothing is tuned per method.
-A rerun skips finished runs.
+A rerun skips finished runs. The student runs go through benchmarks/evidence_grid.py, which
+studies on this world (other settings, other caches) call with the same seeds and records.
 """
 
 from __future__ import annotations
@@ -31,18 +32,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import evidence_grid as grid  # benchmarks/ is on sys.path when run as a script
 import torch
+from evidence_grid import METRIC, PRESET, STUDENT_EXTRA
 
 from dskd.pipeline import plots
 from dskd.pipeline.data import load_examples
 from dskd.pipeline.tokenize import tokenize_example
-from dskd.pipeline.toyworld import ToyWorld, build_toy_world, fresh_student
-from dskd.pipeline.truth import truth_metrics
+from dskd.pipeline.toyworld import build_toy_world, fresh_student
 from dskd.pipeline.verdicts import Claim, judge
 from dskd.stages import quickstart as qs
 
-PRESET = "evidence"
-METRIC = "excess_kl"  # what the claims test (nats per response, lower is better)
 # name -> (world model key, method, divergence); the vocabulary follows the model key
 METHODS: dict[str, tuple[str, str, str]] = dict(qs.STUDENT_RUNS)  # a copy: rows added here stay here
 XVOCAB_KD = ("xvocab-uld", "xvocab-mined", "xvocab-dskd-cma")
@@ -57,25 +57,6 @@ CLAIMS = [
 ]
 G1_RATIO = 0.5
 SWEEP = {"lr": [1e-3, 3e-3, 1e-2], "epochs": [10, 20]}
-STUDENT_EXTRA = {"save_interval": 10**9, "eval_interval": 10**9}  # validate/save once, at the end
-
-
-def _scores(model_dir: Path, world: Any, sz: qs.Sizes, ref_tok: Any) -> dict[str, Any]:
-    """Exact metrics on valid and test, cached next to the run (a rerun reads them back)."""
-    done = model_dir.parent / "truth.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    out = {split: truth_metrics(model, tok, load_examples(getattr(world, split),
-                                                          template=sz.template),
-                                reference_tokenizer=ref_tok)
-           for split in ("valid", "test")}
-    out["params"] = sum(p.numel() for p in model.parameters())
-    done.write_text(json.dumps(out, indent=2) + "\n")
-    return out
 
 
 def _cpu_seconds() -> float:
@@ -99,47 +80,6 @@ def _tokens(data: Path, model_dir: Path, template: str) -> int:
                for e in load_examples(data, template=template))
 
 
-def _init_worker(threads: int) -> None:
-    # Tiny models gain nothing from intra-op threads, and on a shared machine spinning OpenMP
-    # threads make a step ~10x slower; two 1-thread workers use two cores instead.
-    torch.set_num_threads(threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-
-def _student_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train (or reuse) one student and score it; runs in a worker process."""
-    from transformers import AutoTokenizer
-
-    world = ToyWorld.load(job["world"])
-    sz = qs.SIZES[PRESET]
-    if job["caches"] is None:  # SFT from the data files
-        final = qs.train_student(Path(job["out"]), job["run"], Path(job["init"]), None,
-                                 job["sizes"] or sz, job["common"], job["method"],
-                                 job["divergence"], data=str(world.train),
-                                 valid_data=str(world.valid), **job["extra"])
-    else:
-        final = qs.train_student(Path(job["out"]), job["run"], Path(job["init"]),
-                                 {k: Path(v) for k, v in job["caches"].items()},
-                                 job["sizes"] or sz, job["common"], job["method"],
-                                 job["divergence"], **job["extra"])
-    ref_tok = AutoTokenizer.from_pretrained(world.tokenizers["bpe"])
-    return {**job, "scores": _scores(final, world, sz, ref_tok)}
-
-
-def _run_jobs(jobs: list[dict[str, Any]], workers: int, threads: int) -> list[dict[str, Any]]:
-    if workers <= 1:
-        _init_worker(threads)
-        return [_student_job(j) for j in jobs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads,)) as pool:
-        return list(pool.map(_student_job, jobs))
-
-
 def sweep(a: argparse.Namespace) -> None:
     """SFT only, seed 1: pick the student lr and epochs with the lowest validation excess KL."""
     sz = qs.SIZES[PRESET]
@@ -155,7 +95,7 @@ def sweep(a: argparse.Namespace) -> None:
             for lr in SWEEP["lr"] for ep in SWEEP["epochs"]]
     rows = [{"lr": j["lr"], "epochs": j["epochs"], "valid": j["scores"]["valid"][METRIC],
              "test_not_used": j["scores"]["test"][METRIC]}
-            for j in _run_jobs(jobs, a.workers, a.threads)]
+            for j in grid.run_jobs(jobs, a.workers, a.threads)]
     for r in rows:
         print(json.dumps(r))
     best = min(rows, key=lambda r: r["valid"])
@@ -172,27 +112,14 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     world = build_toy_world(out / "world", seed=a.world_seed, preset=PRESET)
     common = {"device": "cpu", "template": sz.template, "tensorboard": False}
     teacher = qs.train_teacher(out, world, sz, {**common, "seed": a.world_seed})
-    caches = qs.cache_splits(out, world, teacher, sz, "cpu")
+    qs.cache_splits(out, world, teacher, sz, "cpu")  # run_grid distils from out/cache
     ref_tok = AutoTokenizer.from_pretrained(world.tokenizers["bpe"])
     seeds = list(range(1, a.seeds + 1))
     t_teacher = time.perf_counter() - t0
-    jobs = []
-    for s in seeds:
-        inits = {key: fresh_student(world, key, s, out / "inits" / f"{key}-s{s}")
-                 for key in ("student", "student_xvocab")}
-        for name, (key, method, div) in METHODS.items():
-            jobs.append({"world": str(world.root), "out": str(out), "run": f"{name}-s{s}",
-                         "init": str(inits[key]), "caches": {k: str(v) for k, v in caches.items()},
-                         "sizes": None, "common": {**common, "seed": s}, "method": method,
-                         "divergence": div, "extra": STUDENT_EXTRA, "name": name, "key": key,
-                         "seed": s})
-    records = [{"run": j["run"], "method_name": j["name"], "method": j["method"],
-                "divergence": j["divergence"], "vocab": "bpe" if j["key"] == "student" else "spbpe",
-                "model": j["key"], "seed": j["seed"], "params": j["scores"]["params"],
-                "valid": j["scores"]["valid"], "test": j["scores"]["test"]}
-               for j in _run_jobs(jobs, a.workers, a.threads)]
+    arms = [grid.Arm(name, method, div, key) for name, (key, method, div) in METHODS.items()]
+    records = grid.run_grid(out, arms, seeds, out, a.workers, a.threads)
     t_students = time.perf_counter() - t0 - t_teacher
-    tgot = _scores(teacher, world, sz, ref_tok)
+    tgot = grid.scores(teacher, world, sz, ref_tok)
     teacher_rec = {"run": "teacher", "params": tgot["params"], "valid": tgot["valid"],
                    "test": tgot["test"], "epochs": sz.teacher_epochs,
                    "rows": _rows(world.teacher_train),
@@ -231,13 +158,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 def summarize(records: list[dict], teacher: dict, seeds: list[int]) -> dict[str, Any]:
     """Per-claim verdicts from the per-run records (nothing else): the gates, then the claims."""
-    per_seed: dict[str, dict[int, float]] = {}
-    valid_mean: dict[str, float] = {}
-    for r in records:
-        per_seed.setdefault(r["method_name"], {})[r["seed"]] = r["test"][METRIC]
-    for name in per_seed:
-        vals = [r["valid"][METRIC] for r in records if r["method_name"] == name]
-        valid_mean[name] = sum(vals) / len(vals)
+    per_seed = grid.per_seed(records)
+    valid_mean = {name: sum(v.values()) / len(v)
+                  for name, v in grid.per_seed(records, split="valid").items()}
     best = min(XVOCAB_KD, key=lambda n: valid_mean.get(n, float("inf")))
     per_seed[BEST_XVOCAB] = per_seed[best]
     sft_mean = sum(per_seed["sft"].values()) / len(per_seed["sft"])
@@ -261,21 +184,7 @@ def summarize(records: list[dict], teacher: dict, seeds: list[int]) -> dict[str,
 
 def method_table(result: dict) -> dict[str, dict[str, tuple[float, float]]]:
     """table[method][metric] = (mean, 95% t half-width over seeds) on the test split."""
-    from dskd.pipeline.verdicts import paired_test
-
-    table: dict[str, dict[str, tuple[float, float]]] = {}
-    names = list(dict.fromkeys(r["method_name"] for r in result["records"]))
-    for name in names:
-        rows = [r["test"] for r in result["records"] if r["method_name"] == name]
-        table[name] = {}
-        for m in ("excess_kl", "excess_kl_per_token", "validity", "excess_nll"):
-            vals = [row[m] for row in rows]
-            if len(vals) > 1:
-                t = paired_test(vals)
-                table[name][m] = (t["mean"], t["ci95"][1] - t["mean"])
-            else:
-                table[name][m] = (vals[0], 0.0)
-    return table
+    return grid.method_table(result["records"])
 
 
 def render(result: dict, forest: str | None = "forest.png") -> str:

@@ -135,23 +135,28 @@ def cache_splits(out: Path, world: Any, teacher: Path, sz: Sizes, device: str,
     return caches
 
 
+def student_config(out: Path, name: str, student: Path, caches: dict[str, Path] | None,
+                   sz: Sizes, common: dict[str, Any], method: str, divergence: str,
+                   **extra: Any) -> dict[str, Any]:
+    """The DistillConfig values of one student run (benchmarks compare them to a run's
+    config.yaml to reuse it). Every method gets the same student lr, epochs and batch;
+    projectors 2x the student's lr; `extra` overrides any of it."""
+    source = {"cache": str(caches["train"]), "valid_cache": str(caches["valid"])} if caches else {}
+    return {**common, "method": method, "divergence": divergence, "student": str(student),
+            **source, "out": str(out / "runs" / name), "epochs": sz.student_epochs,
+            "batch_size": sz.batch_size, "lr": sz.lr, "projector_lr": 2 * sz.lr,
+            "num_workers": 0, "resume": True, **extra}
+
+
 def train_student(out: Path, name: str, student: Path, caches: dict[str, Path] | None, sz: Sizes,
                   common: dict[str, Any], method: str, divergence: str, **extra: Any) -> Path:
-    """One student from the train cache (benchmarks/evidence.py trains many of them this way;
-    caches None = SFT from `extra`'s data files).
-
-    Every method gets the same student lr, epochs and batch; projectors 2x the student's lr.
-    """
+    """One student from the train cache (benchmarks/evidence_grid.py trains many of them this
+    way; caches None = SFT from `extra`'s data files), configured by student_config."""
     from dskd.stages import distill
 
-    run_dir = out / "runs" / name
-    source = {"cache": str(caches["train"]), "valid_cache": str(caches["valid"])} if caches else {}
-    return _step(f"student {name}: {method} ({divergence})", run_dir / "final",
-                 lambda: distill.run(resolve(distill.DistillConfig, {
-                     **common, "method": method, "divergence": divergence,
-                     "student": str(student), **source, "out": str(run_dir),
-                     "epochs": sz.student_epochs, "batch_size": sz.batch_size, "lr": sz.lr,
-                     "projector_lr": 2 * sz.lr, "num_workers": 0, "resume": True, **extra})))
+    values = student_config(out, name, student, caches, sz, common, method, divergence, **extra)
+    return _step(f"student {name}: {method} ({divergence})", out / "runs" / name / "final",
+                 lambda: distill.run(resolve(distill.DistillConfig, values)))
 
 
 def run(cfg: QuickstartConfig) -> Path:
