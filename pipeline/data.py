@@ -25,6 +25,7 @@ reference given the prompt, in the references' order: data that knows its answer
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -283,10 +284,12 @@ def _normalize(s: str) -> str:
     return unicodedata.normalize("NFC", s).strip()
 
 
-def _schema_of(rows: list[tuple[int, Any]]) -> dict[str, str]:
-    """The schema of the first row that matches one; rows before it that don't are bad rows."""
+def _schema_of(rows: Iterator[tuple[int, Any]], head: list[tuple[int, Any]]) -> dict[str, str]:
+    """The schema of the first row that matches one; rows before it that don't are bad rows.
+    Reads ``rows`` only up to that row, keeping what it read in ``head`` for the caller."""
     columns: set[str] = set()
-    for _, raw in rows:
+    for row, raw in rows:
+        head.append((row, raw))
         if isinstance(raw, dict):
             try:
                 return SCHEMAS[detect_schema(set(raw))]
@@ -359,17 +362,40 @@ def load_examples(
     ``tokenizer`` is only needed for ``template="chat"``. Pass your own ``bad_rows`` to get the
     skipped rows back (``bad_rows.write_report(out_dir)``).
     """
+    return list(iter_examples(path, field_map=field_map, template=template, on_bad_row=on_bad_row,
+                              tokenizer=tokenizer, limit=limit, bad_rows=bad_rows))
+
+
+def iter_examples(
+    path: str | Path,
+    *,
+    field_map: dict[str, str] | str | None = None,
+    template: Template = "dskd",
+    on_bad_row: OnBadRow = "error",
+    tokenizer: Any = None,
+    limit: int | None = None,
+    bad_rows: BadRows | None = None,
+) -> Iterator[Example]:
+    """``load_examples``, one example at a time: the file is read as the examples are taken, so a
+    pass over a dataset of any size holds one row (plus one id per distinct example, to number
+    duplicates). Bad rows are handled when reached; the empty-dataset errors come at the end."""
     bad = bad_rows or BadRows(str(path), on_bad_row)
     fmap = parse_field_map(field_map) if isinstance(field_map, str) else field_map
     chat = hf_chat_template(tokenizer) if template == "chat" else None
-    examples: list[Example] = []
+    n = 0
     seen: dict[str, int] = {}
-    rows = list(read_rows(path))
-    if not rows:
-        raise DataError(f"{path}: no examples found (the file is empty)")
-    schema_map = fmap or _schema_of(rows)
-    for row, raw in rows:
-        if limit is not None and len(examples) >= limit:
+    rows = read_rows(path)
+    head: list[tuple[int, Any]] = []
+    if fmap is None:
+        try:
+            first = next(rows)
+        except StopIteration:
+            raise DataError(f"{path}: no examples found (the file is empty)") from None
+        schema_map = _schema_of(itertools.chain([first], rows), head)
+    else:
+        schema_map = fmap
+    for row, raw in itertools.chain(head, rows):
+        if limit is not None and n >= limit:
             break
         if isinstance(raw, Unreadable):
             bad.handle(row, raw.reason, raw.preview)
@@ -399,9 +425,9 @@ def load_examples(
             eid = f"{eid}-{seen[eid]}"
         else:
             seen[eid] = 0
-        examples.append(Example(eid, prompt, response, tuple(refs), row, probs))
-    if not examples and not bad.skipped:
+        n += 1
+        yield Example(eid, prompt, response, tuple(refs), row, probs)
+    if not n and not bad.skipped:
         raise DataError(f"{path}: no examples found (the file is empty)")
-    if not examples:
+    if not n:
         raise DataError(f"{path}: every row was bad ({len(bad.skipped)} skipped); nothing to use")
-    return examples

@@ -26,7 +26,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..pipeline.cache import spec
 from ..pipeline.cache.fingerprint import (
     config_fingerprint,
-    dataset_fingerprint,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -36,12 +35,13 @@ from ..pipeline.cache.quant import codes_to_numpy, encode_hidden
 from ..pipeline.cache.store import discard_uncommitted, resumable_manifest, start_cache, write_head
 from ..pipeline.cache.tokenizer import write_tokenizer
 from ..pipeline.cache.writer import ExampleRows, ShardLayout, ShardWriter
+from ..pipeline.cache_rows import RowPlan, RowSource, plan_rows, shard_examples
 from ..pipeline.config import ConfigError, save_config
-from ..pipeline.data import BadRows, Example, load_examples
+from ..pipeline.data import BadRows
 from ..pipeline.teachers import TeacherBackend, checkpoint_dtype, length_batches, resolve_dtype
 from ..pipeline.teachers.head import Head, head_step
-from ..pipeline.tokenize import TokenizedExample, TokenizeError, check_tokenizer, tokenize_example
-from ..pipeline.train.distributed import barrier, cleanup, init_distributed
+from ..pipeline.tokenize import TokenizedExample, check_tokenizer
+from ..pipeline.train.distributed import all_gather_object, barrier, cleanup, init_distributed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_EXAMPLES = 4  # the head check runs on the dataset's first examples: deterministic
@@ -152,19 +152,20 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
     n_slots = cfg.num_workers * env.world_size
     lead = slot == 0  # writes config.yaml and the bad-row report
 
-    # --- data, tokenization, fingerprints: everything that needs no model
+    # --- data, tokenization, fingerprints: everything that needs no model. The dataset is
+    # streamed, never held: one pass checks every row (each rank tokenizes 1/W of them) for the
+    # count and fingerprint; the shard loop reads it again and tokenizes only this worker's shards.
     from transformers import AutoTokenizer
 
     tok_dir = cfg.tokenizer or cfg.teacher
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     check_tokenizer(tokenizer)
     bad = BadRows(cfg.data, cfg.on_bad_row)
-    examples = load_examples(cfg.data, field_map=cfg.field_map, template=cfg.template,
-                             on_bad_row=cfg.on_bad_row, tokenizer=tokenizer, limit=cfg.limit,
-                             bad_rows=bad)
-    kept = _tokenize_all(examples, tokenizer, cfg, bad)
-    fps = fingerprints(cfg, tok_dir, [e for e, _ in kept], env.device)
-    ranges = spec.shard_ranges(len(kept), cfg.shard_size)
+    src = RowSource(cfg.data, tokenizer, cfg.field_map, cfg.template, cfg.limit,
+                    cfg.max_prompt_len, cfg.max_len)
+    plan = plan_rows(src, bad, env.rank, env.world_size, all_gather_object)
+    fps = fingerprints(cfg, tok_dir, plan, env.device)
+    ranges = spec.shard_ranges(plan.n_examples, cfg.shard_size)
     mine = spec.shards_for_worker(len(ranges), slot, n_slots)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -187,9 +188,10 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
         head = backend.head()
         stats = RunStats()
         if manifest is None and env.rank == 0:
-            probe = [t.input_ids[:-1] for _, t in kept[:PROBE_EXAMPLES]]
+            first = [(0, min(PROBE_EXAMPLES, plan.n_examples))]
+            probe = [t.input_ids[:-1] for _, t in next(shard_examples(src, plan, first, [0]))[1]]
             stats.head_check_err = backend.check_head(probe) if hasattr(backend, "check_head") else None
-            manifest = _start(out, cfg, fps, backend, head, len(kept), stats.head_check_err,
+            manifest = _start(out, cfg, fps, backend, head, plan.n_examples, stats.head_check_err,
                               tok_dir)
         barrier()
         manifest = load_manifest(out)
@@ -201,7 +203,7 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
         if len(todo) < len(mine):
             console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of this worker "
                           "already committed")
-        _write_shards(out, cfg, backend, head, kept, ranges, todo,
+        _write_shards(out, cfg, backend, head, src, plan, ranges, todo,
                       ShardLayout.from_manifest(manifest), stats, console, slot, n_slots)
         if own_backend:
             backend.close()
@@ -222,20 +224,7 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
     return final, stats
 
 
-def _tokenize_all(examples: list[Example], tokenizer: Any, cfg: CacheTeacherConfig,
-                  bad: BadRows) -> list[tuple[Example, TokenizedExample]]:
-    kept = []
-    for ex in examples:
-        try:
-            kept.append((ex, tokenize_example(ex, tokenizer, cfg.max_prompt_len, cfg.max_len)))
-        except TokenizeError as e:
-            bad.handle(ex.row, str(e), ex.prompt[:200])
-    if not kept:
-        raise ConfigError(f"{cfg.data}: no example could be tokenized within --max-len {cfg.max_len}")
-    return kept
-
-
-def fingerprints(cfg: CacheTeacherConfig, tok_dir: str, examples: list[Example],
+def fingerprints(cfg: CacheTeacherConfig, tok_dir: str, rows: RowPlan,
                  device: torch.device) -> dict[str, Any]:
     """Everything that decides the cache's bytes. Resuming needs all of them equal."""
     return {
@@ -243,8 +232,8 @@ def fingerprints(cfg: CacheTeacherConfig, tok_dir: str, examples: list[Example],
         "teacher_config": config_fingerprint(cfg.teacher),
         "teacher_weights": weights_fingerprint(cfg.teacher),
         "tokenizer": tokenizer_fingerprint(tok_dir),
-        "n_examples": len(examples),
-        "dataset": dataset_fingerprint((e.id, e.prompt, e.response) for e in examples),
+        "n_examples": rows.n_examples,
+        "dataset": rows.fingerprint,
         "template": cfg.template,
         "max_prompt_len": cfg.max_prompt_len,
         "max_len": cfg.max_len,
@@ -336,11 +325,12 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
 
 
 def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
-                  kept: list[tuple[Example, TokenizedExample]], ranges: list[tuple[int, int]],
+                  src: RowSource, plan: RowPlan, ranges: list[tuple[int, int]],
                   todo: list[int], layout: ShardLayout, stats: RunStats, console: Console,
                   slot: int, n_slots: int) -> None:
     """Forward + head step per length-bucketed batch; each finished shard is committed by a
-    background thread while the teacher moves on to the next one (at most one shard waits)."""
+    background thread while the teacher moves on to the next one (at most one shard waits).
+    Each shard's examples are read and tokenized as its turn comes (``shard_examples``)."""
     n_todo = sum(ranges[i][1] - ranges[i][0] for i in todo)
     t0, c0 = time.perf_counter(), time.process_time()
     pending: Future | None = None
@@ -350,10 +340,9 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
     with ThreadPoolExecutor(1) as pool, Progress(*columns, console=console,
                                                  disable=not cfg.progress) as bar:
         task = bar.add_task("", total=n_todo, tps=0.0, mb=0.0)
-        for si in todo:
+        for si, shard in shard_examples(src, plan, ranges, todo):
             a, b = ranges[si]
             writer = ShardWriter(out, si, (a, b), layout)
-            shard = kept[a:b]
             lengths = [len(t.input_ids) - 1 for _, t in shard]
             # one stream of draws per shard, seeded by (seed, shard): a shard's bytes do not
             # depend on which worker writes it or on whether the run was resumed

@@ -4,12 +4,14 @@ SIGKILL mid-run and torchrun."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +199,51 @@ def test_job_array_workers_build_the_same_cache(reference, toy_world, tmp_path):
     final, stats = stage.cache_teacher(_cfg(toy_world, out, num_workers=2, worker_index=0), _env())
     assert final["complete"] and stats.shards == 2
     assert tree(out) == tree(reference)
+
+
+def test_tokenized_examples_held_at_once_are_bounded_by_the_shard(reference, toy_world, tmp_path,
+                                                                 monkeypatch):
+    """The dataset is streamed, never held: tokenized examples (ids and offsets, ~100 B per token
+    as Python lists) alive at once never exceed two shards' worth, however long the dataset."""
+    from dskd.pipeline import cache_rows
+
+    live: set[int] = set()
+    peak = [0]
+    real = cache_rows.tokenize_example
+
+    def counted(*a, **kw):
+        t = real(*a, **kw)
+        live.add(id(t))
+        peak[0] = max(peak[0], len(live))
+        weakref.finalize(t, live.discard, id(t))
+        return t
+
+    monkeypatch.setattr(cache_rows, "tokenize_example", counted)
+    run(_cfg(toy_world, tmp_path / "c"))
+    assert tree(tmp_path / "c") == tree(reference)
+    assert 0 < peak[0] <= 2 * SHARD < N
+
+
+def test_rows_that_do_not_tokenize_are_skipped_alike_by_every_worker(toy_world, tmp_path):
+    """A prompt with no room for its response (row 5) is skipped and reported; the cache holds
+    the other rows, and two job-array workers (each tokenizing only its shards) write the same
+    bytes as one."""
+    rows = toy_world.train.read_text().splitlines()[:10]
+    rows[5] = json.dumps({"instruction": "word " * 300, "response": "ok"})
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    kw = {"data": str(data), "limit": None, "on_bad_row": "skip", "max_prompt_len": 160,
+          "max_len": 160}
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(_cfg(toy_world, one, **kw))
+    for w in (1, 0):
+        stage.cache_teacher(_cfg(toy_world, two, num_workers=2, worker_index=w, **kw), _env())
+    assert tree(one) == tree(two)
+    skipped = [json.loads(x) for x in (one / "skipped_rows.jsonl").read_text().splitlines()]
+    assert [s["row"] for s in skipped] == [5] and "no room" in skipped[0]["reason"]
+    kept = [e for e in load_examples(data) if e.row != 5]
+    assert [x.example_id for x in CacheReader(one)] == [e.id for e in kept]
+    assert load_manifest(one)["layout"]["n_shards"] == 3  # 9 rows in shards of 4
 
 
 def test_fp16_overflow_stops_before_any_shard_is_committed(toy_world, tmp_path, monkeypatch):
