@@ -26,6 +26,7 @@ from dskd.pipeline.cache.quant import HiddenRangeError
 from dskd.pipeline.cache.reader import CacheReader, load_head
 from dskd.pipeline.cache.store import CacheMismatchError
 from dskd.pipeline.cache.verify import verify_cache
+from dskd.pipeline.cache_rows import RowPlan
 from dskd.pipeline.config import ConfigError
 from dskd.pipeline.data import load_examples
 from dskd.pipeline.teachers.hf_backend import HFTeacher
@@ -367,7 +368,8 @@ def test_vllm_backend_gets_the_resolved_dtype_and_the_manifest_records_it(refere
     cfg = _cfg(toy_world, Path("unused"), backend="vllm")
     stage.load_backend(cfg, torch.device("cpu"))
     assert seen["dtype"] == "float32"  # not "auto": vLLM would downcast fp32 to fp16
-    fps = stage.fingerprints(cfg, str(toy_world.teacher), [], torch.device("cpu"))
+    fps = stage.fingerprints(cfg, str(toy_world.teacher), RowPlan(0, "", frozenset()),
+                             torch.device("cpu"))
     assert fps["compute"] == "cpu-float32"
 
 
