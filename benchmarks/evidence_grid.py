@@ -196,13 +196,16 @@ def record(job: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_grid(evidence: Path, arms: Sequence[Arm], seeds: Sequence[int], out: Path,
-             workers: int = 2, threads: int = 1, reuse: bool = True) -> list[dict[str, Any]]:
+             workers: int = 2, threads: int = 1, reuse: bool = True,
+             train: bool = True) -> list[dict[str, Any]]:
     """Train and score every arm under every seed; one record per (arm, seed), seed-major.
 
     evidence: a finished or running ``benchmarks/evidence.py --out`` dir (its world and the
     caches an arm distils from must exist); out: where new runs go (``out/runs/<arm>-s<seed>``;
     may be `evidence` itself, as evidence.py's own run is). reuse: take a finished evidence run
     with the same resolved config instead of training (off when out is the evidence dir).
+    train=False: collect only, records of the runs finished so far (a grid still running, or
+    cut short), so some (arm, seed) may be missing.
     """
     evidence, out = Path(evidence).resolve(), Path(out).resolve()
     names = [a.name for a in arms]
@@ -228,14 +231,14 @@ def run_grid(evidence: Path, arms: Sequence[Arm], seeds: Sequence[int], out: Pat
             if match is not None:
                 job["reused_from"] = str(match)
                 reused.append(job)
-            else:
+            elif train or own.is_file():
                 jobs.append(job)
     done = {j["run"]: j for j in run_jobs(jobs, workers, threads)}
     for j in reused:
         done[j["run"]] = {**j, "scores": json.loads(
             (Path(j["reused_from"]) / "truth.json").read_text())}
     return [record(done[f"{a.name}-s{s}"], done[f"{a.name}-s{s}"]["scores"])
-            for s in seeds for a in arms]
+            for s in seeds for a in arms if f"{a.name}-s{s}" in done]
 
 
 # --------------------------------------------------------------------------- paired summaries

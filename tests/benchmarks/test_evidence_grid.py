@@ -107,3 +107,14 @@ def test_grid_refuses_an_evidence_dir_without_caches(grid, evidence, tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished teacher cache"):
         grid.run_grid(evidence, [grid.Arm("kd", "kd", cache=str(tmp_path / "nowhere"))], [1],
                       tmp_path / "grid", workers=1)
+
+
+def test_collect_returns_only_finished_runs(grid, evidence, tmp_path):
+    out = tmp_path / "grid"
+    _finished(out / "runs" / "kd-a0.9-s2", 0.33)
+    arms = [grid.Arm("kd", "kd"), grid.Arm("kd-a0.9", "kd", overrides={"kd_rate": 0.9})]
+    recs = grid.run_grid(evidence, arms, [1, 2], out, workers=1,
+                         threads=torch.get_num_threads(), train=False)
+    # kd-s1 from the evidence run, kd-a0.9-s2 the grid's own; nothing else trained
+    assert [r["run"] for r in recs] == ["kd-s1", "kd-a0.9-s2"]
+    assert not (out / "runs" / "kd-a0.9-s1").exists() and not (out / "runs" / "kd-s2").exists()
