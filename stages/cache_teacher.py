@@ -42,6 +42,7 @@ from ..pipeline.teachers import TeacherBackend, checkpoint_dtype, length_batches
 from ..pipeline.teachers.head import Head, head_step
 from ..pipeline.tokenize import TokenizedExample, check_tokenizer
 from ..pipeline.train.distributed import all_gather_object, barrier, cleanup, init_distributed
+from ..pipeline.train.logger import stage_progress
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROBE_EXAMPLES = 4  # the head check runs on the dataset's first examples: deterministic
@@ -337,8 +338,11 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
     columns = [TextColumn(f"cache-teacher [{slot + 1}/{n_slots}]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[tps]:,.0f} tok/s  {task.fields[mb]:,.1f} MB"),
                TimeRemainingColumn()]
-    with ThreadPoolExecutor(1) as pool, Progress(*columns, console=console,
-                                                 disable=not cfg.progress) as bar:
+    line = (f"cache-teacher [{slot + 1}/{n_slots}] {{completed}}/{{total}} examples · "
+            "{tps:,.0f} tok/s · {mb:,.1f} MB · ETA {eta}")
+    progress = stage_progress(lambda: Progress(*columns, console=console,
+                                               disable=not cfg.progress), line, cfg.progress)
+    with ThreadPoolExecutor(1) as pool, progress as bar:
         task = bar.add_task("", total=n_todo, tps=0.0, mb=0.0)
         for si, shard in shard_examples(src, plan, ranges, todo):
             a, b = ranges[si]

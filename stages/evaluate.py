@@ -40,6 +40,7 @@ from dskd.pipeline import metrics, plots, truth
 from dskd.pipeline.config import atomic_write_text, save_config
 from dskd.pipeline.data import BadRows, DataError, Example, load_examples
 from dskd.pipeline.train.checkpoint import CKPT_SUBDIR, best_info
+from dskd.pipeline.train.logger import stage_progress
 
 from . import report as report_mod
 
@@ -279,9 +280,12 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:.1f} prompts/s" if task.speed else "– prompts/s", style="cyan")
 
 
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    _RateColumn(), TimeRemainingColumn(), console=console, transient=False)
+def _progress() -> Any:
+    """The generation bar, or plain lines when stderr is not a terminal (as every stage)."""
+    return stage_progress(lambda: Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+        TimeRemainingColumn(), console=console, transient=False),
+        "{description} · {completed}/{total} prompts · {rate:.1f} prompts/s · ETA {eta}")
 
 
 def _device(pref: str) -> str:

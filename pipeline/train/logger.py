@@ -1,5 +1,6 @@
 """Run logs: `metrics.jsonl` (one JSON object per line), TensorBoard if installed, a rich bar
-(plain periodic lines when stderr is not a terminal).
+(plain periodic lines when stderr is not a terminal; cache-teacher and eval follow the same rule
+through stage_progress).
 
 Only rank 0 logs. On resume the log is cut back to the checkpoint's step, so a killed-and-resumed
 run's `metrics.jsonl` reads like an uninterrupted one (no steps logged twice).
@@ -13,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -122,42 +124,91 @@ def quiet_progress_bars() -> None:
         disable_progress_bar()
 
 
-class PlainProgress:
-    """The distill bar's interface, printed as one line per logged step when not on a terminal:
-    `step 20/400 · loss 1.2345 · 1,234 tok/s · ETA 0:03:10`."""
+DISTILL_LINE = "step {completed}/{total} · loss {loss:.4f} · {tps:,.0f} tok/s · ETA {eta}"
 
-    def __init__(self, enabled: bool = True, stream: Any = None):
+
+class PlainProgress:
+    """A rich Progress's interface (add_task, update, advance) printed as plain lines, for
+    stderr that is not a terminal: a log file gets lines, never bar frames.
+
+    With `on_field` (distill: "loss") a line goes out on each update carrying that field, i.e.
+    each logged step. Without it (cache-teacher, eval) one goes out when the description changes
+    (a new phase), at most every `every_s` seconds while it advances, and once at the end.
+    `line` is formatted with the task's fields plus description, completed, total, rate (per
+    second), elapsed and eta."""
+
+    def __init__(self, enabled: bool = True, stream: Any = None, line: str = DISTILL_LINE,
+                 on_field: str | None = "loss", every_s: float = 30.0):
         self.enabled = enabled
         self.stream = stream
+        self.line, self.on_field, self.every_s = line, on_field, every_s
         self._tasks: dict[int, dict[str, Any]] = {}
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        if self.on_field is None:  # the final count of each task that moved since its last line
+            for tid, t in self._tasks.items():
+                if t["completed"] != t["said"]:
+                    self._say(tid)
 
-    def add_task(self, description: str, total: int | None = None, completed: int = 0,
+    def add_task(self, description: str, total: float | None = None, completed: int = 0,
                  **fields: Any) -> int:
         tid = len(self._tasks)
+        now = time.perf_counter()
         self._tasks[tid] = {"description": description, "total": total, "start": completed,
-                            "t0": time.perf_counter()}
+                            "completed": completed, "said": completed, "t0": now, "last": now,
+                            "fields": fields}
         return tid
 
-    def update(self, task_id: int, completed: int | None = None, loss: float | None = None,
-               tps: float | None = None, **_: Any) -> None:
-        """A line only when a loss comes with the update (the logged steps)."""
-        if not self.enabled or loss is None or completed is None:
-            return
+    def update(self, task_id: int, *, completed: int | None = None, advance: int | None = None,
+               total: float | None = None, description: str | None = None, **fields: Any
+               ) -> None:
         t = self._tasks[task_id]
-        done = completed - t["start"]
+        if completed is not None:
+            t["completed"] = completed
+        if advance is not None:
+            t["completed"] += advance
+        if total is not None:
+            t["total"] = total
+        t["fields"].update(fields)
+        if self.on_field is not None:
+            if fields.get(self.on_field) is not None and completed is not None:
+                self._say(task_id)
+        elif description is not None and description != t["description"]:
+            t["description"] = description  # a new phase: say what it is and how far we are
+            self._say(task_id)
+        elif time.perf_counter() - t["last"] >= self.every_s:
+            self._say(task_id)
+
+    def advance(self, task_id: int, advance: int = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def _say(self, task_id: int) -> None:
+        t = self._tasks[task_id]
+        now = time.perf_counter()
+        t["last"], t["said"] = now, t["completed"]
+        if not self.enabled:
+            return
+        done, elapsed = t["completed"] - t["start"], now - t["t0"]
         eta = "?"
         if t["total"] and done > 0:
-            left = (time.perf_counter() - t["t0"]) / done * (t["total"] - completed)
+            left = elapsed / done * (t["total"] - t["completed"])
             eta = str(datetime.timedelta(seconds=round(max(left, 0.0))))
-        line = (f"step {completed}/{t['total'] or '?'} · loss {loss:.4f} · {tps or 0:,.0f} tok/s"
-                f" · ETA {eta}")
-        print(line, file=self.stream or sys.stderr, flush=True)
+        values = {"tps": 0.0, **{k: v for k, v in t["fields"].items() if v is not None},
+                  "description": t["description"], "completed": t["completed"],
+                  "total": t["total"] or "?", "rate": done / elapsed if elapsed > 0 else 0.0,
+                  "elapsed": str(datetime.timedelta(seconds=round(elapsed))), "eta": eta}
+        print(self.line.format(**values), file=self.stream or sys.stderr, flush=True)
+
+
+def stage_progress(bar: Callable[[], Progress], line: str, enabled: bool = True
+                   ) -> Progress | PlainProgress:
+    """`bar()` on a terminal; plain lines (`line`, see PlainProgress) when stderr is not one."""
+    if not is_terminal():
+        return PlainProgress(enabled, line=line, on_field=None)
+    return bar()
 
 
 def train_progress(enabled: bool, terminal: bool | None = None) -> Progress | PlainProgress:

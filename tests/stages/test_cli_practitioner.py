@@ -146,6 +146,32 @@ def test_logs_to_a_file_are_plain_lines_with_one_done_line(world, tmp_path):
     assert sum(line.startswith("done:") for line in lines) == 1, text
 
 
+def test_cache_teacher_and_eval_log_plain_lines_to_a_file(world, tmp_path):
+    """Off a terminal, cache-teacher and eval follow distill's rule: plain progress lines (count,
+    rate, ETA), no bar frames, colour codes or third-party bars, one "done" line."""
+    def logged(*args: str) -> list[str]:
+        log = tmp_path / f"{args[0]}.log"
+        with log.open("w") as f:
+            subprocess.run([sys.executable, "-m", "dskd.cli", *args], stdout=f,
+                           stderr=subprocess.STDOUT, env=ENV, check=True, timeout=300)
+        text = log.read_text()
+        assert "\r" not in text and "\x1b[" not in text, text
+        assert "Loading weights" not in text and "Writing model shards" not in text
+        assert sum(line.startswith("done:") for line in text.splitlines()) == 1, text
+        return text.splitlines()
+
+    lines = logged("cache-teacher", "--teacher", str(world["toy"].teacher), "--data",
+                   str(world["train"]), "--out", str(tmp_path / "c"), "--shard-size", "8")
+    assert any(line.startswith("cache-teacher [1/1] 12/12 examples · ") and " tok/s · " in line
+               and " · ETA " in line for line in lines), lines
+    lines = logged("eval", "--model", str(world["toy"].student), "--data", str(world["valid"]),
+                   "--template", "none", "--limit", "2", "--seeds", "1", "--max-new-tokens", "4",
+                   "--out", str(tmp_path / "e"))
+    progress = [line for line in lines if line.endswith(tuple("0123456789?"))
+                and " prompts/s · ETA " in line]
+    assert progress and " · 2/2 prompts · " in progress[-1], lines
+
+
 # --------------------------------------------------------------------------- eval --no-generate
 
 
