@@ -65,8 +65,10 @@ class CacheTeacherConfig:
         "help": "RS-KD: also draw N ids per token from the teacher and keep the distinct ones "
                 "with their counts, for distill --teacher-signal sampled (0: none)"})
     sampled_temperature: float = field(default=1.0, metadata={
-        "help": "temperature of the distribution --sampled-targets draws from; distill's "
-                "--kd-temperature must equal it"})
+        "help": "temperature of the distribution --sampled-targets draws from (1.0: the "
+                "teacher's own, untempered). distill --teacher-signal sampled needs "
+                "--kd-temperature equal to it, and distill's default is 2.0 (official DSKD): "
+                "cache at 2.0 to train with that default, or train with --kd-temperature 1.0"})
     batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward batch"})
     shard_size: int = field(default=256, metadata={"help": "examples per shard"})
     max_prompt_len: int = field(default=256, metadata={"help": "prompt tokens kept"})

@@ -109,7 +109,9 @@ class DistillConfig:
                 "tail only (cheap); sampled: the cache's RS-KD draws (kd + fkl only, unbiased)"})
     kd_rate: float = field(default=0.5, metadata={
         "help": "α: loss = (1-α)·CE + α·KD (DSKD at 1 collapses: refused without --force)"})
-    kd_temperature: float = field(default=2.0, metadata={"help": "τ of every KD divergence"})
+    kd_temperature: float = field(default=2.0, metadata={
+        "help": "τ of every KD divergence (official DSKD: 2.0); with --teacher-signal sampled it "
+                "must equal the cache's --sampled-temperature (cache-teacher's default is 1.0)"})
     skew_lambda: float = field(default=0.1, metadata={"help": "λ of skl/srkl"})
     adaptive_kl_alpha: float = field(default=0.5, metadata={"help": "head/tail split of akl"})
     projector_init: Literal["auto", "random", "pinv"] = field(default="auto", metadata={
