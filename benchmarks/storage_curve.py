@@ -54,17 +54,23 @@ HEAD_TENSORS = ("lm_head.weight", "lm_head.bias")  # what hidden × head needs (
 
 
 @dataclasses.dataclass(frozen=True)
-class Arm:
-    """One student setting: which cache variant (None = the evidence cache), which signal."""
+class Variant:
+    """One point of the study: a cache variant (None = the evidence cache) read one way."""
 
     name: str
     cache: str | None
-    signal: str  # exact | topk | sampled
-    extra: dict[str, Any]  # distill options beyond the evidence defaults
+    signal: str  # exact | topk | sampled: which arrays the student reads
+    overrides: dict[str, Any]  # distill options beyond the evidence defaults
+    label: str
     model: str = "student"
     method: str = "kd"
-    reuse: str | None = None  # the evidence run it is identical to (read, not retrained)
-    label: str = ""
+
+    def arm(self, out: Path) -> Any:
+        """The evidence_grid arm that trains it (caches under OUT/variants/<cache>/cache)."""
+        from evidence_grid import Arm
+
+        cache = str(out / "variants" / self.cache / "cache") if self.cache else None
+        return Arm(self.name, self.method, "fkl", self.model, dict(self.overrides), cache)
 
 
 def cache_variants() -> dict[str, dict[str, Any]]:
@@ -76,25 +82,27 @@ def cache_variants() -> dict[str, dict[str, Any]]:
     return out
 
 
-def arms() -> list[Arm]:
-    a = [Arm(EXACT, None, "exact", {"teacher_signal": "exact"}, reuse="kd-fkl",
-             label="exact, fp16 hidden"),
-         Arm("exact-fp8", "exact-fp8", "exact", {"teacher_signal": "exact"},
-             label="exact, fp8 hidden")]
+def variants() -> list[Variant]:
+    """The curve: the fp16-exact reference (= evidence's kd-fkl: same cache, init, order and
+    settings, so the grid reuses those runs) and one student per variant and tail rule."""
+    v = [Variant(EXACT, None, "exact", {"teacher_signal": "exact"}, "exact, fp16 hidden"),
+         Variant("exact-fp8", "exact-fp8", "exact", {"teacher_signal": "exact"},
+                 "exact, fp8 hidden")]
     for k in TOPK_KS:
-        a += [Arm(f"topk{k}-{tail}", f"topk{k}", "topk",
-                  {"teacher_signal": "topk", "sparse_tail": tail}, label=f"top-{k}, {tail}")
+        v += [Variant(f"topk{k}-{tail}", f"topk{k}", "topk",
+                      {"teacher_signal": "topk", "sparse_tail": tail}, f"top-{k}, {tail}")
               for tail in ("bucket", "renorm")]
-    a += [Arm(f"sampled{n}", f"sampled{n}", "sampled", {"teacher_signal": "sampled"},
-              label=f"sampled N={n}") for n in SAMPLED_NS]
-    return a
+    v += [Variant(f"sampled{n}", f"sampled{n}", "sampled", {"teacher_signal": "sampled"},
+                  f"sampled N={n}") for n in SAMPLED_NS]
+    return v
 
 
-def eta_arms() -> list[Arm]:
-    return [Arm(ETA, None, "exact", {}, model="student_xvocab", method="dskd-eta",
-                label="DSKD-ETA (cross vocab)"),
-            Arm(CMA, None, "exact", {}, model="student_xvocab", method="dskd-cma", reuse=CMA,
-                label="DSKD-CMA (cross vocab)")]
+def eta_variants() -> list[Variant]:
+    """DSKD-ETA, and DSKD-CMA as the evidence run trains it (the grid reuses those runs)."""
+    return [Variant(ETA, None, "exact", {}, "DSKD-ETA (cross vocab)", "student_xvocab",
+                    "dskd-eta"),
+            Variant(CMA, None, "exact", {}, "DSKD-CMA (cross vocab)", "student_xvocab",
+                    "dskd-cma")]
 
 
 # --------------------------------------------------------------------------- bytes
@@ -122,24 +130,19 @@ def _itemsize(dtype: str) -> int:
 # --------------------------------------------------------------------------- runs
 
 
-def _load_evidence_module() -> Any:
-    """benchmarks/evidence.py as the module `evidence`: its student jobs run in spawned
-    workers, which find it by that name on the sys.path they inherit."""
+def _grid() -> Any:
+    """benchmarks/evidence_grid.py (a sibling module: benchmarks/ on sys.path, as for a script)."""
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
-    import evidence
+    import evidence_grid
 
-    return evidence
-
-
-def _reused(ev_dir: Path, run: str) -> dict[str, Any] | None:
-    done = ev_dir / "runs" / run / "truth.json"
-    return json.loads(done.read_text()) if done.is_file() else None
+    return evidence_grid
 
 
-def build_caches(ev_dir: Path, out: Path, names: list[str]) -> dict[str, dict[str, Path]]:
-    """One train+valid cache per variant, from the evidence teacher (skip-finished)."""
+def build_caches(ev_dir: Path, out: Path, names: list[str]) -> None:
+    """One train+valid cache per variant from the evidence teacher, OUT/variants/<name>/cache
+    (skip-finished; seconds each)."""
     from dskd.pipeline.toyworld import ToyWorld
     from dskd.stages import quickstart as qs
 
@@ -148,69 +151,50 @@ def build_caches(ev_dir: Path, out: Path, names: list[str]) -> dict[str, dict[st
     if not (teacher / "config.json").is_file():
         raise SystemExit(f"{teacher}: no teacher there; run benchmarks/evidence.py --out {ev_dir} "
                          "first (it trains the teacher before any student)")
-    variants = cache_variants()
-    got = {None: {"train": ev_dir / "cache" / "train", "valid": ev_dir / "cache" / "valid"}}
+    options = cache_variants()
     for name in names:
-        got[name] = qs.cache_splits(out / "variants" / name, world, teacher,
-                                    qs.SIZES["evidence"], "cpu", progress=False, **variants[name])
-    return got
+        qs.cache_splits(out / "variants" / name, world, teacher, qs.SIZES["evidence"], "cpu",
+                        progress=False, **options[name])
 
 
-def run_arms(ev: Any, ev_dir: Path, out: Path, todo: list[Arm], seeds: list[int],
-             workers: int, threads: int) -> list[dict[str, Any]]:
-    """Per-run records; evidence runs an arm is identical to are read, the rest trained here."""
+def measured_bytes(ev_dir: Path, out: Path, todo: list[Variant]) -> dict[str, dict[str, Any]]:
     from dskd.pipeline.cache.manifest import load_manifest
-    from dskd.pipeline.toyworld import ToyWorld
 
-    world = ToyWorld.load(ev_dir / "world")
-    sz = ev.qs.SIZES[ev.PRESET]
-    caches = build_caches(ev_dir, out, sorted({a.cache for a in todo if a.cache}))
-    records, jobs = [], []
-    for arm in todo:
-        sb = signal_bytes(load_manifest(caches[arm.cache]["train"]), arm.signal)
-        for s in seeds:
-            rec = {"arm": arm.name, "label": arm.label, "signal": arm.signal,
-                   "cache": arm.cache or "evidence", "extra": arm.extra, "model": arm.model,
-                   "method": arm.method, "seed": s, "bytes": sb}
-            got = _reused(ev_dir, f"{arm.reuse}-s{s}") if arm.reuse else None
-            if got is not None:
-                records.append(rec | {"run": str(ev_dir / "runs" / f"{arm.reuse}-s{s}"),
-                                      "source": "evidence", "valid": got["valid"],
-                                      "test": got["test"]})
-                continue
-            init = ev_dir / "inits" / f"{arm.model}-s{s}"
-            if not (init / "config.json").is_file():
-                raise SystemExit(f"{init}: no student init for seed {s}; the evidence run "
-                                 "writes them (benchmarks/evidence.py --seeds ≥ {s})")
-            jobs.append({"world": str(world.root), "out": str(out), "run": f"{arm.name}-s{s}",
-                         "init": str(init), "sizes": None,
-                         "caches": {k: str(v) for k, v in caches[arm.cache].items()},
-                         "common": {"device": "cpu", "template": sz.template,
-                                    "tensorboard": False, "seed": s},
-                         "method": arm.method, "divergence": "fkl",
-                         "extra": ev.STUDENT_EXTRA | arm.extra, "record": rec})
-    for j in ev._run_jobs(jobs, workers, threads):
-        records.append(j["record"] | {"run": str(out / "runs" / j["run"]), "source": "here",
-                                      "valid": j["scores"]["valid"], "test": j["scores"]["test"]})
-    return records
+    return {v.name: signal_bytes(load_manifest(
+        out / "variants" / v.cache / "cache" / "train" if v.cache else ev_dir / "cache" / "train"),
+        v.signal) for v in todo}
+
+
+def run(ev_dir: Path, out: Path, todo: list[Variant], seeds: list[int], workers: int,
+        threads: int) -> list[dict[str, Any]]:
+    """Records (evidence_grid's shape) of every variant × seed. The variants that are evidence
+    runs (fp16-exact, DSKD-CMA) go last: by then the evidence run has usually finished them,
+    and the grid reads them instead of training them again."""
+    grid = _grid()
+    build_caches(ev_dir, out, sorted({v.cache for v in todo if v.cache}))
+    reference = {EXACT, CMA}
+    new = [v.arm(out) for v in todo if v.name not in reference]
+    ref = [v.arm(out) for v in todo if v.name in reference]
+    return (grid.run_grid(ev_dir, new, seeds, out, workers, threads)
+            + grid.run_grid(ev_dir, ref, seeds, out, workers, threads))
 
 
 # --------------------------------------------------------------------------- summary
 
 
-def summarize(records: list[dict[str, Any]], gates: dict[str, bool] | None = None,
+def summarize(records: list[dict[str, Any]], meta: dict[str, Variant],
+              nbytes: dict[str, dict[str, Any]], gates: dict[str, bool] | None = None,
               metric: str = "excess_kl") -> dict[str, Any]:
-    """Per arm: bytes/token, mean ± 95% t half-width, paired difference to the fp16-exact arm
-    (variant − exact; > 0 = further from the truth), Holm verdicts over the variants; and the
-    DSKD-ETA vs DSKD-CMA claim (with the evidence gates when given)."""
+    """From per-run records alone (evidence_grid's shape; `method_name` = variant name): per
+    curve variant, its measured bytes/token, mean ± 95% t half-width, and the paired difference
+    to the fp16-exact arm (variant − exact; > 0 = further from the truth) with Holm verdicts
+    over the variants; and the DSKD-ETA vs DSKD-CMA claim (behind the evidence gates if given)."""
     from dskd.pipeline.verdicts import Claim, judge, paired_test
 
     per_seed: dict[str, dict[int, float]] = {}
-    first: dict[str, dict[str, Any]] = {}
     for r in records:
-        per_seed.setdefault(r["arm"], {})[r["seed"]] = r["test"][metric]
-        first.setdefault(r["arm"], r)
-    curve = [a for a in per_seed if first[a]["model"] == "student"]
+        per_seed.setdefault(r["method_name"], {})[r["seed"]] = r["test"][metric]
+    curve = [a for a in per_seed if meta[a].model == "student"]
     others = [a for a in curve if a != EXACT]
     verdicts = {}
     if EXACT in per_seed and others:
@@ -220,8 +204,8 @@ def summarize(records: list[dict[str, Any]], gates: dict[str, bool] | None = Non
     for a in curve:
         vals = [per_seed[a][s] for s in sorted(per_seed[a])]
         t = paired_test(vals) if len(vals) > 1 else {"mean": vals[0], "ci95": [vals[0]] * 2}
-        row = {"arm": a, "label": first[a]["label"], "signal": first[a]["signal"],
-               "bytes_per_token": first[a]["bytes"]["per_token"], "bytes": first[a]["bytes"],
+        row = {"arm": a, "label": meta[a].label, "signal": meta[a].signal,
+               "bytes_per_token": nbytes[a]["per_token"], "bytes": nbytes[a],
                "n": len(vals), "mean": t["mean"], "half": t["ci95"][1] - t["mean"],
                "per_seed": per_seed[a]}
         if a in verdicts:
@@ -309,14 +293,42 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
 
 
 def _family(row: dict[str, Any]) -> str:
+    """Plot series: exact, topk-bucket, topk-renorm, sampled."""
     if row["signal"] == "topk":
         return "topk-" + row["arm"].rsplit("-", 1)[1]
     return row["signal"]
 
 
+def plain_reading(summary: dict[str, Any]) -> str:
+    """Which variants are indistinguishable from the fp16-exact student, which are worse or
+    better (paired, Holm-corrected over the variants), and the ETA-vs-CMA verdict."""
+    by: dict[str, list[str]] = {}
+    for r in sorted(summary["curve"], key=lambda r: -r["bytes_per_token"]):
+        v = r.get("vs_exact")
+        if v:
+            by.setdefault(v["verdict"], []).append(
+                f"{r['label']} ({r['bytes_per_token']:.0f} B/token, {v['mean']:+.3f} "
+                f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}])")
+    parts = []
+    for verdict, say in (("indistinguishable", ("Indistinguishable from the fp16-exact student "
+                          "(paired difference not significant after Holm over the variants; "
+                          "uncorrected 95% interval shown)")),
+                         ("worse", "Further from the truth than fp16-exact"),
+                         ("better", "Closer to the truth than fp16-exact")):
+        if by.get(verdict):
+            parts.append(f"{say}: " + "; ".join(by[verdict]) + ".")
+    e = summary.get("eta_vs_cma")
+    if e:
+        parts.append(f"DSKD-ETA vs DSKD-CMA (cross vocabulary, same seeds): **{e['verdict']}** "
+                     f"({e['mean']:+.3f} nats/response, 95% CI [{e['ci95'][0]:+.3f}, "
+                     f"{e['ci95'][1]:+.3f}], > 0 = ETA closer to the truth; gates from "
+                     f"{e['gates_from']}).")
+    return " ".join(parts)
+
+
 def doc_section(summary: dict[str, Any], command: str, figure: str) -> str:
     return "\n".join(["## Storage–accuracy curve", "", f"Command: `{command}`", "",
-                      render(summary, figure)]) + "\n"
+                      render(summary, figure), plain_reading(summary)]) + "\n"
 
 
 def write_section(doc: Path, section: str, heading: str = "## Storage–accuracy curve") -> None:
@@ -350,11 +362,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    ev = _load_evidence_module()
     seeds = list(range(1, a.seeds + 1))
-    todo = arms() + ([] if a.no_eta else eta_arms())
-    records = run_arms(ev, a.evidence, a.out, todo, seeds, a.workers, a.threads)
-    summary = summarize(records, _gates(a.evidence))
+    todo = variants() + ([] if a.no_eta else eta_variants())
+    records = run(a.evidence, a.out, todo, seeds, a.workers, a.threads)
+    summary = summarize(records, {v.name: v for v in todo},
+                        measured_bytes(a.evidence, a.out, todo), _gates(a.evidence))
     command = ("python benchmarks/storage_curve.py --evidence EV --out OUT"
                + (f" --seeds {a.seeds}" if a.seeds != 5 else ""))
     result = {"command": command, "evidence": str(a.evidence), "seeds": seeds,
