@@ -3,24 +3,14 @@ curve's verdicts, table, figure and doc section follow from per-seed records alo
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def sc():
-    spec = importlib.util.spec_from_file_location("storage_curve",
-                                                  ROOT / "benchmarks" / "storage_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass resolves annotations through sys.modules
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+def sc(load_benchmark):
+    return load_benchmark("storage_curve")
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +93,22 @@ def test_verdicts_table_figure_and_doc_follow_from_the_records(sc, tmp_path):
     assert "Indistinguishable from the fp16-exact student (" in reading
     assert reading.index("exact, fp8 hidden") < reading.index("Further from the truth")
     assert "DSKD-ETA vs DSKD-CMA (cross vocabulary, same seeds): **holds**" in reading
+
+
+def test_every_variant_is_a_grid_arm_and_the_references_are_evidence_runs(sc, load_benchmark,
+                                                                          tmp_path):
+    """The grid reuses an evidence run only on an equal resolved config: the fp16-exact and
+    DSKD-CMA arms must be evidence's kd-fkl and xvocab-dskd-cma exactly."""
+    from dskd.stages.distill import DistillConfig
+
+    ev = load_benchmark("evidence")
+    arms = {v.name: v.arm(tmp_path) for v in sc.variants() + sc.eta_variants()}
+    assert len(arms) == 1 + 1 + 2 * len(sc.TOPK_KS) + len(sc.SAMPLED_NS) + 2
+    for ref, name in ((sc.EXACT, "kd-fkl"), (sc.CMA, "xvocab-dskd-cma")):
+        a = arms[ref]
+        assert (a.model, a.method, a.divergence) == ev.METHODS[name] and a.cache is None
+        assert all(getattr(DistillConfig(), k) == v for k, v in a.overrides.items())
+    t = arms["topk4-renorm"]
+    assert t.cache == str(tmp_path / "variants" / "topk4" / "cache")
+    assert dict(t.overrides) == {"teacher_signal": "topk", "sparse_tail": "renorm"}
+    assert sc.cache_variants()["sampled16"]["sampled_temperature"] == DistillConfig().kd_temperature
