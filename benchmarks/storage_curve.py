@@ -179,6 +179,25 @@ def run(ev_dir: Path, out: Path, todo: list[Variant], seeds: list[int], workers:
             + grid.run_grid(ev_dir, ref, seeds, out, workers, threads))
 
 
+def collect(ev_dir: Path, out: Path, todo: list[Variant], seeds: list[int]
+            ) -> list[dict[str, Any]]:
+    """Records of the runs already finished (OUT/runs, and the evidence runs the reference
+    arms are), training nothing: to report a run still in progress or cut short."""
+    refs = {EXACT: "kd-fkl", CMA: CMA}
+    got = []
+    for s in seeds:
+        for v in todo:
+            for f in (out / "runs" / f"{v.name}-s{s}" / "truth.json",
+                      ev_dir / "runs" / f"{refs.get(v.name, v.name)}-s{s}" / "truth.json"):
+                if f.is_file() and (f.parent.parent.parent == out or v.name in refs):
+                    t = json.loads(f.read_text())
+                    got.append({"run": f"{v.name}-s{s}", "method_name": v.name, "seed": s,
+                                "valid": t["valid"], "test": t["test"],
+                                "reused_from": str(f.parent) if v.name in refs else None})
+                    break
+    return got
+
+
 # --------------------------------------------------------------------------- summary
 
 
@@ -195,7 +214,10 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Variant],
     for r in records:
         per_seed.setdefault(r["method_name"], {})[r["seed"]] = r["test"][metric]
     curve = [a for a in per_seed if meta[a].model == "student"]
-    others = [a for a in curve if a != EXACT]
+    def shared(a: str, b: str) -> int:
+        return len(set(per_seed.get(a, {})) & set(per_seed.get(b, {})))
+
+    others = [a for a in curve if a != EXACT and shared(a, EXACT) >= 2]  # a paired test needs 2
     verdicts = {}
     if EXACT in per_seed and others:
         claims, _ = judge(per_seed, [Claim(a, EXACT, a) for a in others], {})
@@ -216,7 +238,7 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Variant],
                                            "inconclusive": "indistinguishable"}[c["verdict"]]}
         rows.append(row)
     out: dict[str, Any] = {"metric": metric, "curve": rows}
-    if ETA in per_seed and CMA in per_seed:
+    if shared(ETA, CMA) >= 2:
         claim = Claim("DSKD-ETA > DSKD-CMA", ETA, CMA, gates=tuple(gates or ()))
         recs, outcome = judge(per_seed, [claim], gates or {})
         out["eta_vs_cma"] = recs[0] | {"gates_outcome": outcome, "gates_from": (
@@ -237,14 +259,16 @@ def _gates(ev_dir: Path) -> dict[str, bool] | None:
 
 
 def render(summary: dict[str, Any], figure: str | None = "curve.png") -> str:
-    lines = [("| variant | signal B/token | excess KL (nats/response) | variant − exact (paired) "
-              "| 95% CI | p (Holm) | reading |"), "|---|---:|---:|---:|---|---:|---|"]
+    lines = [("| variant | signal B/token | seeds | excess KL (nats/response) | variant − exact "
+              "(paired) | 95% CI | p (Holm) | reading |"), "|---|---:|---:|---:|---:|---|---:|---|"]
     for r in sorted(summary["curve"], key=lambda r: -r["bytes_per_token"]):
         v = r.get("vs_exact")
         tail = (f"{v['mean']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}] | "
-                f"{v['p_holm']:.2g} | {v['verdict']}" if v else "— | — | — | reference")
-        lines.append(f"| {r['label']} | {r['bytes_per_token']:.1f} | {r['mean']:.3f} ± "
-                     f"{r['half']:.3f} | {tail} |")
+                f"{v['p_holm']:.2g} | {v['verdict']}" if v else
+                "— | — | — | " + ("reference" if r["arm"] == EXACT else "too few paired seeds"))
+        spread = f" ± {r['half']:.3f}" if r["n"] > 1 else ""
+        lines.append(f"| {r['label']} | {r['bytes_per_token']:.1f} | {r['n']} | "
+                     f"{r['mean']:.3f}{spread} | {tail} |")
     e = summary.get("eta_vs_cma")
     if e:
         lines += ["", "| claim | mean paired diff (nats/response) | 95% CI | p | verdict |",
@@ -353,6 +377,9 @@ def main() -> None:
     ap.add_argument("--no-eta", action="store_true", help="skip the DSKD-ETA vs DSKD-CMA arm")
     ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the runs already finished (seeds may differ "
+                         "per variant; the table says how many each has)")
     ap.add_argument("--write-doc", type=Path, default=None,
                     help="also put the section into this markdown file (replaced if there)")
     a = ap.parse_args()
@@ -364,11 +391,13 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     seeds = list(range(1, a.seeds + 1))
     todo = variants() + ([] if a.no_eta else eta_variants())
-    records = run(a.evidence, a.out, todo, seeds, a.workers, a.threads)
+    records = (collect(a.evidence, a.out, todo, seeds) if a.report_only
+               else run(a.evidence, a.out, todo, seeds, a.workers, a.threads))
     summary = summarize(records, {v.name: v for v in todo},
                         measured_bytes(a.evidence, a.out, todo), _gates(a.evidence))
     command = ("python benchmarks/storage_curve.py --evidence EV --out OUT"
-               + (f" --seeds {a.seeds}" if a.seeds != 5 else ""))
+               + (f" --seeds {a.seeds}" if a.seeds != 5 else "")
+               + (" --report-only" if a.report_only else ""))
     result = {"command": command, "evidence": str(a.evidence), "seeds": seeds,
               "records": records, **summary}
     (a.out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -112,3 +112,32 @@ def test_every_variant_is_a_grid_arm_and_the_references_are_evidence_runs(sc, lo
     assert t.cache == str(tmp_path / "variants" / "topk4" / "cache")
     assert dict(t.overrides) == {"teacher_signal": "topk", "sparse_tail": "renorm"}
     assert sc.cache_variants()["sampled16"]["sampled_temperature"] == DistillConfig().kd_temperature
+
+
+def test_report_only_reads_finished_runs_and_pairs_only_shared_seeds(sc, tmp_path):
+    """--report-only: own runs from OUT, the reference arms from the evidence dir, nothing
+    else; a variant with fewer than 2 seeds paired with fp16-exact gets no verdict."""
+    import json
+
+    ev, out = tmp_path / "ev", tmp_path / "out"
+
+    def truth(d: Path, kl: float) -> None:
+        d.mkdir(parents=True)
+        (d / "truth.json").write_text(json.dumps({"valid": {"excess_kl": kl},
+                                                  "test": {"excess_kl": kl}}))
+
+    for s, kl in ((1, 0.5), (2, 0.6), (3, 0.55)):
+        truth(ev / "runs" / f"kd-fkl-s{s}", kl)
+        truth(out / "runs" / f"topk4-bucket-s{s}", kl + 0.3)
+    truth(out / "runs" / "sampled4-s1", 0.4)
+    truth(ev / "runs" / "sampled16-s1", 9.9)  # not an evidence arm: never read from there
+    todo = [v for v in sc.variants() if v.name in ("exact-fp16", "topk4-bucket", "sampled4",
+                                                   "sampled16")]
+    recs = sc.collect(ev, out, todo, [1, 2, 3])
+    assert sorted((r["method_name"], r["seed"]) for r in recs) == sorted(
+        [("exact-fp16", s) for s in (1, 2, 3)] + [("topk4-bucket", s) for s in (1, 2, 3)]
+        + [("sampled4", 1)])
+    nbytes = {v.name: {"per_token": 1.0} for v in todo}
+    rows = {r["arm"]: r for r in sc.summarize(recs, {v.name: v for v in todo}, nbytes)["curve"]}
+    assert rows["topk4-bucket"]["vs_exact"]["mean"] == pytest.approx(0.3)
+    assert "vs_exact" not in rows["sampled4"] and rows["sampled4"]["n"] == 1
