@@ -377,6 +377,9 @@ def main() -> None:
     ap.add_argument("--no-eta", action="store_true", help="skip the DSKD-ETA vs DSKD-CMA arm")
     ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--arms", default=None,
+                    help="comma-separated variant names to run, in this order within each seed "
+                         "(default: all; e.g. to put the ones a short run must have first)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report the runs already finished (seeds may differ "
                          "per variant; the table says how many each has)")
@@ -391,6 +394,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     seeds = list(range(1, a.seeds + 1))
     todo = variants() + ([] if a.no_eta else eta_variants())
+    if a.arms:
+        known = {v.name: v for v in todo}
+        unknown = [n for n in a.arms.split(",") if n not in known]
+        if unknown:
+            ap.error(f"--arms: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+        todo = [known[n] for n in a.arms.split(",")]
     records = (collect(a.evidence, a.out, todo, seeds) if a.report_only
                else run(a.evidence, a.out, todo, seeds, a.workers, a.threads))
     summary = summarize(records, {v.name: v for v in todo},
