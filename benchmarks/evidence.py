@@ -116,6 +116,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     ref_tok = AutoTokenizer.from_pretrained(world.tokenizers["bpe"])
     seeds = list(range(1, a.seeds + 1))
     t_teacher = time.perf_counter() - t0
+    cpu_teacher = _cpu_seconds()  # one process: on a quiet machine its wall ≈ this
     arms = [grid.Arm(name, method, div, key) for name, (key, method, div) in METHODS.items()]
     records = grid.run_grid(out, arms, seeds, out, a.workers, a.threads)
     t_students = time.perf_counter() - t0 - t_teacher
@@ -152,6 +153,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         # CPU seconds of this process and its finished workers: on a shared machine the wall
         # time says more about the neighbours; on a quiet one wall ≈ cpu_s / workers
         "cpu_s": round(_cpu_seconds(), 1),
+        "cpu_s_teacher_and_caches": round(cpu_teacher, 1), "workers": a.workers,
     })
     return result
 
@@ -261,6 +263,32 @@ def _vocab_stats(results: list[dict]) -> str:
     return "; ".join(out) or "see toyworld.json"
 
 
+def _quiet_estimate(r: dict) -> str:
+    """Wall time on a quiet machine, from CPU time: the teacher phase runs in one process,
+    the student runs in `workers` single-thread processes."""
+    if "cpu_s_teacher_and_caches" not in r:
+        return ""
+    t = r["cpu_s_teacher_and_caches"]
+    est = t + (r["cpu_s"] - t) / r["workers"]
+    return f"; ≈ {est / 60:.1f} min on {r['workers']} quiet cores"
+
+
+# sections of a results page written by other studies (or by hand, with their own command):
+# regenerating the evidence part keeps them, in their order, after it
+KEPT_SECTIONS = ("## The SFT-only sweep", "## Reading", "## Storage–accuracy curve", "## DSKD-ETA")
+
+
+def kept_sections(old: str, new: str) -> str:
+    """The `## ` sections of `old` whose heading starts with one of KEPT_SECTIONS and that
+    `new` does not have."""
+    out = []
+    for part in ("\n" + old).split("\n## ")[1:]:
+        heading = "## " + part.splitlines()[0]
+        if heading.startswith(KEPT_SECTIONS) and heading not in new:
+            out.append("## " + part.rstrip("\n") + "\n")
+    return "\n".join(out)
+
+
 def render_doc(results: list[dict], figure_dir: str = "results",
                sweep_result: dict | None = None) -> str:
     """docs/results.md from one or more evidence.json (one per world seed)."""
@@ -296,14 +324,16 @@ def render_doc(results: list[dict], figure_dir: str = "results",
         "six claims; gates G1 (teacher excess KL ≤ half the SFT student's) and G2 (KD > SFT "
         "holds) come first, and a claim they guard reads `not testable` if one fails."), ""]
     if sweep_result:
-        lines += ["The SFT-only sweep (seed 1, world seed 0):", "", sweep_table(sweep_result), ""]
+        lines += ["## The SFT-only sweep that fixed the student lr and epochs", "",
+                  ("`python benchmarks/evidence.py --out OUT --sweep` (training seed 1, world "
+                   "seed 0, validation split):"), "", sweep_table(sweep_result), ""]
     for r in results:
         m, w = r["machine"], r["wall_s"]
         lines += [f"## World seed {r['world_seed']}", "",
                   (f"Command: `{r['command']}` — {w['total'] / 60:.1f} min wall "
                   f"({w['teacher_and_caches'] / 60:.1f} min teacher + caches, "
                   f"{w['students'] / 60:.1f} min for {len(r['records'])} student runs; "
-                  f"{r.get('cpu_s', 0) / 60:.1f} CPU-min in all) on "
+                  f"{r.get('cpu_s', 0) / 60:.1f} CPU-min in all{_quiet_estimate(r)}) on "
                   f"{m['platform']}, {m['cpus']} CPUs shared with other jobs, "
                   f"torch {m['torch']}."), "",
                   "Test split, mean ± 95% t half-width over seeds:", "",
@@ -347,7 +377,9 @@ def main() -> None:
             figs.mkdir(parents=True, exist_ok=True)
             for d, r in zip(a.doc_from, results):
                 forest(r, figs / f"forest-world{r['world_seed']}.png")
-            a.write_doc.write_text(doc)
+            old = a.write_doc.read_text() if a.write_doc.is_file() else ""
+            kept = kept_sections(old, doc)
+            a.write_doc.write_text(doc + ("\n" + kept if kept else ""))
         print(doc)
         return
     if a.sweep:

@@ -90,3 +90,15 @@ def test_results_page_states_each_worlds_own_vocabulary_checks(ev, tmp_path):
     doc = ev.render_doc(results)
     assert "1.11x, 74% (world seed 0); 1.20x, 81% (world seed 1)" in doc
     assert "## World seed 0" in doc and "## World seed 1" in doc
+
+
+def test_regenerating_the_page_keeps_the_other_studies_sections(ev):
+    old = ("# Results\n\n## Status\n\nold status\n\n## The SFT-only sweep that fixed it\n\n| a |\n\n"
+           "## Storage–accuracy curve\n\ncurve table\n")
+    new = "# Results\n\n## Setup\n\nnew\n"
+    kept = ev.kept_sections(old, new)
+    assert "## Status" not in kept  # superseded by the generated part
+    assert kept.index("## The SFT-only sweep") < kept.index("## Storage–accuracy curve")
+    assert "curve table" in kept and "| a |" in kept
+    assert ev.kept_sections(old, new + "\n## Storage–accuracy curve\n\nfresh\n").count(
+        "curve table") == 0  # a section the new page has is not kept twice
