@@ -211,7 +211,7 @@ for _name, (_module, _cls, _help) in STAGES.items():
 
 
 @cache_app.command("inspect")
-def cache_inspect(cache_dir: Path = typer.Argument(..., help="cache directory"),
+def cache_inspect(cache_dir: str = typer.Argument(..., help="cache directory or store URL (s3://…)"),
                   as_json: bool = typer.Option(False, "--json", help="print JSON")) -> None:
     """Teacher, counts, fingerprints, bytes/token per field, dtypes."""
     import json
@@ -224,7 +224,7 @@ def cache_inspect(cache_dir: Path = typer.Argument(..., help="cache directory"),
 
 
 @cache_app.command("verify")
-def cache_verify(cache_dir: Path = typer.Argument(..., help="cache directory"),
+def cache_verify(cache_dir: str = typer.Argument(..., help="cache directory or store URL (s3://…)"),
                  full: bool = typer.Option(False, "--full", help=(
                      "recompute hidden @ head for every token row, not a sample of each shard")),
                  repair: bool = typer.Option(False, "--repair", help=(

@@ -29,11 +29,12 @@ from ..pipeline.cache.fingerprint import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from ..pipeline.cache.lock import WriterLock
+from ..pipeline.cache.lock import ObjectLock, WriterLock
 from ..pipeline.cache.manifest import finalize, load_commits, load_manifest
 from ..pipeline.cache.quant import codes_to_numpy, encode_hidden
+from ..pipeline.cache.remote import Store, check_url, is_url, local_path
 from ..pipeline.cache.store import discard_uncommitted, resumable_manifest, start_cache, write_head
-from ..pipeline.cache.tokenizer import write_tokenizer
+from ..pipeline.cache.tokenizer import TOKENIZER_DIR, write_tokenizer
 from ..pipeline.cache.writer import ExampleRows, ShardLayout, ShardWriter
 from ..pipeline.cache_rows import RowPlan, RowSource, plan_rows, shard_examples
 from ..pipeline.config import ConfigError, save_config
@@ -52,7 +53,8 @@ PROBE_EXAMPLES = 4  # the head check runs on the dataset's first examples: deter
 class CacheTeacherConfig:
     teacher: str = field(default="", metadata={"help": "teacher model directory (HF format)"})
     data: str = field(default="", metadata={"help": "dataset file or directory (jsonl/json/parquet/csv/HF dir)"})
-    out: str = field(default="", metadata={"help": "cache directory to write (or resume)"})
+    out: str = field(default="", metadata={
+        "help": "cache to write (or resume): a dir, or a store URL (s3://bucket/prefix, gs://…)"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir [default: --teacher]"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N examples"})
     backend: Literal["transformers", "vllm"] = field(default="transformers", metadata={"help": "teacher backend"})
@@ -110,6 +112,8 @@ def validate(cfg: CacheTeacherConfig) -> None:
     for name in ("teacher", "data", "out"):
         if not getattr(cfg, name):
             errs.append(f"--{name} is required")
+    if cfg.out and is_url(cfg.out) and (bad := check_url(cfg.out)):
+        errs.append(f"--out {bad}")
     if cfg.teacher and not (Path(cfg.teacher) / "config.json").is_file():
         errs.append(f"--teacher {cfg.teacher}: no config.json there; pass a HF model directory")
     if cfg.top_k < 0:
@@ -133,14 +137,14 @@ def validate(cfg: CacheTeacherConfig) -> None:
         raise ConfigError("cache-teacher: " + "; ".join(errs))
 
 
-def run(cfg: CacheTeacherConfig) -> Path:
+def run(cfg: CacheTeacherConfig) -> Path | str:
     validate(cfg)
     env = init_distributed(cfg.device)
     try:
         cache_teacher(cfg, env)
     finally:
         cleanup()
-    return Path(cfg.out)
+    return cfg.out if is_url(cfg.out) else local_path(cfg.out)
 
 
 def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | None = None
@@ -150,7 +154,10 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
     t_start = time.perf_counter()
     console = Console(stderr=True, quiet=not cfg.progress)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
+    # A store URL: the stage works in the store's local view (manifest, commit records, head,
+    # tokenizer, the shard being written) and publishes each object in commit-protocol order.
+    store = Store(cfg.out) if is_url(cfg.out) else None
+    out = store.view if store else local_path(cfg.out)
     slot = cfg.worker_index * env.world_size + env.rank
     n_slots = cfg.num_workers * env.world_size
     lead = slot == 0  # writes config.yaml and the bad-row report
@@ -172,18 +179,31 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
     mine = spec.shards_for_worker(len(ranges), slot, n_slots)
     out.mkdir(parents=True, exist_ok=True)
 
-    with WriterLock(out, slot, n_slots):
+    lock = (ObjectLock(store, slot, n_slots) if store  # it says a takeover on stderr, always
+            else WriterLock(out, slot, n_slots))
+    with lock:
         # torchrun: rank 0 decides (and may --overwrite) alone; the others follow its manifest.
-        manifest = resumable_manifest(out, fps, cfg.overwrite) if env.rank == 0 else None
+        if env.rank == 0:
+            if store:
+                store.pull(for_write=True)
+                if cfg.overwrite:
+                    store.wipe()
+            manifest = resumable_manifest(out, fps, cfg.overwrite)
+            if store and manifest is None:  # no manifest: nothing is committed, all is leftover
+                store.remove(spec.COMMITS_DIR, spec.SHARDS_DIR)
         barrier()
         if env.rank != 0:
+            if store:
+                store.pull(for_write=True)
             manifest = resumable_manifest(out, fps, overwrite=False)
         if manifest is not None and manifest["complete"]:
-            console.print(f"[green]cache {out} is already complete[/]; nothing to do")
+            console.print(f"[green]cache {cfg.out} is already complete[/]; nothing to do")
             return manifest, RunStats()
         if lead:
             save_config(cfg, out)
-            bad.write_report(out)
+            report = bad.write_report(out)
+            if store:
+                store.push("config.yaml", *([report.name] if report else []))
 
         own_backend = backend is None
         backend = backend or load_backend(cfg, env.device)
@@ -196,7 +216,11 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
             stats.head_check_err = backend.check_head(probe) if hasattr(backend, "check_head") else None
             manifest = _start(out, cfg, fps, backend, head, plan.n_examples, stats.head_check_err,
                               tok_dir)
+            if store:  # the manifest after what it lists
+                store.push(spec.HEAD_FILE, TOKENIZER_DIR, spec.MANIFEST)
         barrier()
+        if store:  # what is committed is what the store's commit records say
+            store.pull()
         manifest = load_manifest(out)
         committed = load_commits(out)
         removed = discard_uncommitted(out, mine, committed)
@@ -207,12 +231,19 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
             console.print(f"resuming: {len(mine) - len(todo)} of {len(mine)} shards of this worker "
                           "already committed")
         _write_shards(out, cfg, backend, head, src, plan, ranges, todo,
-                      ShardLayout.from_manifest(manifest), stats, console, slot, n_slots)
+                      ShardLayout.from_manifest(manifest), stats, console, slot, n_slots,
+                      lock, store)
         if own_backend:
             backend.close()
 
     barrier()
-    final = finalize(out) if env.rank == 0 else None
+    final = None
+    if env.rank == 0:
+        if store:
+            store.pull()
+        final = finalize(out)
+        if store and final is not None:  # written last: the cache now exists, complete
+            store.push(spec.MANIFEST)
     stats.total_s = time.perf_counter() - t_start
     if env.rank == 0:
         if final is None:
@@ -221,7 +252,7 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
                           "workers (the last one to finish writes the manifest)")
         else:
             t = final["totals"]
-            console.print(f"[green]cache complete[/]: {out}  {t['n_examples']:,} examples, "
+            console.print(f"[green]cache complete[/]: {cfg.out}  {t['n_examples']:,} examples, "
                           f"{t['n_tokens']:,} tokens, {t['bytes'] / 2**20:,.1f} MiB, "
                           f"{t['bytes_per_token']['total']:.0f} B/token")
     return final, stats
@@ -330,7 +361,8 @@ def _start(out: Path, cfg: CacheTeacherConfig, fps: dict[str, Any], backend: Any
 def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
                   src: RowSource, plan: RowPlan, ranges: list[tuple[int, int]],
                   todo: list[int], layout: ShardLayout, stats: RunStats, console: Console,
-                  slot: int, n_slots: int) -> None:
+                  slot: int, n_slots: int, lock: WriterLock | ObjectLock,
+                  store: Store | None = None) -> None:
     """Forward + head step per length-bucketed batch; each finished shard is committed by a
     background thread while the teacher moves on to the next one (at most one shard waits).
     Each shard's examples are read and tokenized as its turn comes (``shard_examples``)."""
@@ -348,7 +380,8 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
         task = bar.add_task("", total=n_todo, tps=0.0, mb=0.0)
         for si, shard in shard_examples(src, plan, ranges, todo):
             a, b = ranges[si]
-            writer = ShardWriter(out, si, (a, b), layout)
+            # staged for a store: durability is the upload's, not the local disk's
+            writer = ShardWriter(out, si, (a, b), layout, fsync=store is None)
             lengths = [len(t.input_ids) - 1 for _, t in shard]
             # one stream of draws per shard, seeded by (seed, shard): a shard's bytes do not
             # depend on which worker writes it or on whether the run was resumed
@@ -365,7 +398,7 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
                            mb=stats.bytes / 1e6)
             if pending is not None:
                 pending.result()  # bounded memory: one shard in flight while the next is computed
-            pending = pool.submit(_commit, writer, stats)
+            pending = pool.submit(_commit, writer, stats, lock, store)
         if pending is not None:
             pending.result()
         bar.update(task, mb=stats.bytes / 1e6)
@@ -373,9 +406,14 @@ def _write_shards(out: Path, cfg: CacheTeacherConfig, backend: Any, head: Head,
     stats.cpu_s = time.process_time() - c0
 
 
-def _commit(writer: ShardWriter, stats: RunStats) -> None:
+def _commit(writer: ShardWriter, stats: RunStats, lock: WriterLock | ObjectLock | None = None,
+            store: Store | None = None) -> None:
     t = time.perf_counter()
+    if lock is not None:
+        lock.check()
     rec = writer.commit()
+    if store is not None:
+        store.publish_shard(rec)
     stats.write_s += time.perf_counter() - t
     stats.bytes += rec["bytes"]
     stats.shards += 1

@@ -75,7 +75,8 @@ class DistillConfig:
     # --- what to train on
     student: str = field(default="", metadata={"help": "student model dir (HF, with tokenizer)"})
     out: str = field(default="", metadata={"help": "run dir: checkpoints/, final/, metrics.jsonl"})
-    cache: str | None = field(default=None, metadata={"help": "teacher cache dir (stage 1)"})
+    cache: str | None = field(default=None, metadata={
+        "help": "teacher cache (stage 1): a dir or a store URL (s3://bucket/prefix, gs://…)"})
     teacher: str | None = field(default=None, metadata={
         "help": "teacher model dir: distill ONLINE (teacher forward in the loop) from --data"})
     data: str | None = field(default=None, metadata={

@@ -37,6 +37,7 @@ from rich.text import Text
 
 from dskd.pipeline import generate as gen
 from dskd.pipeline import metrics, plots, truth
+from dskd.pipeline.cache.remote import check_url, is_url, local_path
 from dskd.pipeline.config import atomic_write_text, save_config
 from dskd.pipeline.data import BadRows, DataError, Example, load_examples
 from dskd.pipeline.train.checkpoint import CKPT_SUBDIR, best_info
@@ -97,7 +98,8 @@ class EvalConfig:
     limit: int | None = field(default=None, metadata={
         "help": "use only the first N examples of each set and of --cache (quick checks)"})
     cache: str | None = field(default=None, metadata={
-        "help": "teacher cache of a held-out split: adds KL(T‖S), top-1 agreement, NLL/PPL"})
+        "help": "teacher cache (dir or store URL, s3://…) of a held-out split: adds KL(T‖S), "
+                "top-1 agreement, NLL/PPL"})
 
 
 # --------------------------------------------------------------------------- inputs
@@ -210,7 +212,9 @@ def check_inputs(cfg: EvalConfig) -> None:
         problems.append(f"model names {mnames} are not unique; pass --model-name for each --model")
     if cfg.backend == "vllm" and not gen.vllm_available():
         problems.append("--backend vllm: vLLM is not installed (pip install 'dskd[vllm]')")
-    if cfg.cache and not Path(cfg.cache).is_dir():
+    if cfg.cache and is_url(cfg.cache) and (bad := check_url(cfg.cache)):
+        problems.append(f"--cache {bad}")
+    elif cfg.cache and not is_url(cfg.cache) and not local_path(cfg.cache).is_dir():
         problems.append(f"--cache {cfg.cache} is not a directory")
     trained = {model_display_name(m): t for m, t in training_templates(cfg).items() if t}
     if len(set(trained.values())) > 1 and not cfg.allow_mixed_templates:

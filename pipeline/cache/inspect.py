@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .manifest import committed_shards, load_manifest, shard_totals
+from .remote import open_cache_location
 from .spec import (
     CHECKSUM,
     HIDDEN_STORAGE,
@@ -18,7 +19,7 @@ from .spec import (
 
 def inspect_cache(path: str | Path) -> dict[str, Any]:
     """Teacher, counts, fingerprints, bytes per token per field and dtypes, as a JSON-able dict."""
-    path = Path(path)
+    path = open_cache_location(path)  # a store URL: its view (the manifest is all we read)
     m = load_manifest(path)
     lay = m["layout"]
     shards = committed_shards(path, m)

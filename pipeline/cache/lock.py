@@ -13,8 +13,12 @@ import fcntl
 import json
 import os
 import socket
+import sys
+import threading
+import time
+import uuid
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from .spec import LOCKS_DIR, CacheError
 
@@ -53,6 +57,9 @@ class WriterLock:
         self._fd = fd
         return self
 
+    def check(self) -> None:
+        """A flock cannot be lost while its process lives (ObjectLock's can)."""
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -86,3 +93,158 @@ def _holder(path: Path) -> str:
         return f"pid {info.get('pid')} on {info.get('host')}"
     except (OSError, ValueError):
         return "another process"
+
+
+# --------------------------------------------------------------------------- object stores
+
+LOCK_TTL_ENV = "DSKD_LOCK_TTL"  # seconds a store lock lives unrefreshed [default 120]
+
+
+class ObjectLock:
+    """The writer lock of a cache in object storage, where there are no file locks: an object
+    ``locks/worker-<i>-of-<W>.lock`` holding {owner, host, pid, expires}. It is created only if
+    absent (a conditional PUT where the store has one), refreshed every ttl/3 while the writer
+    runs, and deleted on release. A lock whose holder stopped refreshing it (expired), or whose
+    holder is a dead process on this host, is taken over with a message; a live one refuses the
+    second writer, naming it. Before a shard is committed the writer checks it still holds the
+    lock (``check``), so a writer that was paused past its expiry stops instead of racing."""
+
+    def __init__(self, store: Any, worker: int = 0, num_workers: int = 1,
+                 ttl: float | None = None, say: Any = None):
+        self.store = store
+        self.name = f"worker-{worker:05d}-of-{num_workers:05d}.lock"
+        self.num_workers = num_workers
+        self.ttl = float(ttl or os.environ.get(LOCK_TTL_ENV) or 120)
+        self.owner = uuid.uuid4().hex
+        self.say = say or (lambda msg: print(msg, file=sys.stderr))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost: str | None = None
+
+    def _rel(self, name: str) -> str:
+        return f"{LOCKS_DIR}/{name}"
+
+    def _read(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.fs.cat_file(self.store.path(self._rel(name))))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign object: treat as expired
+            return {"expires": 0}
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires": time.time() + self.ttl}).encode()
+
+    def acquire(self) -> ObjectLock:
+        from .remote import store_errors
+
+        with store_errors(self.store.url, "taking the writer lock"):
+            for name in self._lock_names():
+                if name == self.name or name.endswith(f"-of-{self.num_workers:05d}.lock"):
+                    continue
+                info = self._read(name)
+                if info and _alive(info):
+                    raise CacheLockedError(
+                        f"{self.store.url}: a writer with a different split is running "
+                        f"({_who(info)}, {name}); wait for it to finish or stop it")
+            info = self._read(self.name)
+            if info is not None:
+                if _alive(info):
+                    raise CacheLockedError(
+                        f"{self.store.url} is already being written by {_who(info)} (lock "
+                        f"{self._rel(self.name)}, refreshed until {_when(info)}); wait for it to "
+                        "finish or stop it. If that process is gone, the lock expires by then, or "
+                        "delete the lock object to take over at once")
+                self.say(f"taking over the stale writer lock of {_who(info)} on {self.store.url} "
+                         f"({self._rel(self.name)}: expired, or its process has exited)")
+                self.store.fs.rm_file(self.store.path(self._rel(self.name)))
+            self._create()
+        self._thread = threading.Thread(target=self._refresh, daemon=True,
+                                        name="dskd-lock-refresh")
+        self._thread.start()
+        return self
+
+    def _lock_names(self) -> list[str]:
+        try:
+            return [p.rsplit("/", 1)[-1] for p in
+                    self.store.fs.ls(self.store.path(LOCKS_DIR), detail=False, refresh=True)]
+        except FileNotFoundError:
+            return []
+
+    def _create(self) -> None:
+        path = self.store.path(self._rel(self.name))
+        try:
+            with self.store.fs.open(path, "xb") as f:  # S3: PUT with If-None-Match: *
+                f.write(self._body())
+        except FileExistsError:
+            info = self._read(self.name) or {}
+            raise CacheLockedError(f"{self.store.url}: another writer ({_who(info)}) took the "
+                                   "lock at the same moment; wait for it to finish") from None
+        except (NotImplementedError, ValueError):  # no conditional create: write, read back
+            self.store.fs.pipe_file(path, self._body())
+        if (self._read(self.name) or {}).get("owner") != self.owner:
+            raise CacheLockedError(f"{self.store.url}: another writer took the lock at the same "
+                                   "moment; wait for it to finish")
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.ttl / 3) and self._refresh_once():
+            pass
+
+    def _refresh_once(self) -> bool:
+        """Push the expiry forward; False (and ``lost`` set) when another writer holds it now."""
+        try:
+            info = self._read(self.name)
+            if info is None or info.get("owner") != self.owner:
+                self.lost = (f"{self.store.url}: this writer lost its lock "
+                             f"({self._rel(self.name)}) to {_who(info or {})}")
+                return False
+            self.store.fs.pipe_file(self.store.path(self._rel(self.name)), self._body())
+        except Exception as e:  # noqa: BLE001 - a network blip: retry at the next tick
+            self.say(f"could not refresh the writer lock on {self.store.url}: {e}")
+        return True
+
+    def check(self) -> None:
+        """Raise if another writer has taken the lock (this one was paused past its expiry)."""
+        if self.lost:
+            raise CacheLockedError(self.lost + "; stopping before committing anything more")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        try:
+            if (self._read(self.name) or {}).get("owner") == self.owner:
+                self.store.fs.rm_file(self.store.path(self._rel(self.name)))
+        except Exception as e:  # noqa: BLE001 - it expires by itself
+            self.say(f"could not delete the writer lock on {self.store.url} ({e}); it expires "
+                     f"within {self.ttl:.0f} s")
+
+    def __enter__(self) -> Self:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _alive(info: dict[str, Any]) -> bool:
+    """Held: not expired, and not a dead process on this host."""
+    if float(info.get("expires", 0)) <= time.time():
+        return False
+    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
+
+
+def _who(info: dict[str, Any]) -> str:
+    return f"pid {info.get('pid')} on {info.get('host')}"
+
+
+def _when(info: dict[str, Any]) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(float(info.get("expires", 0))))

@@ -74,7 +74,10 @@ def new_manifest(fingerprints: dict[str, Any], teacher: dict[str, Any], layout: 
 
 
 def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    path = Path(cache_dir) / MANIFEST
+    """The manifest of the cache at ``cache_dir`` (a dir, or a store URL: pulled into its view)."""
+    from .remote import open_cache_location  # remote builds on this module
+
+    path = open_cache_location(cache_dir) / MANIFEST
     if not path.is_file():
         raise CacheError(f"{cache_dir}: no {MANIFEST}; this is not a dskd teacher cache "
                          "(or its first shard was never started). Run `dskd cache-teacher` on it.")

@@ -19,6 +19,7 @@ import zarr
 
 from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden
+from .remote import RemoteRows, Store, open_cache_location, store_of
 from .sampled import decode as decode_sampled
 from .spec import (
     CHECKSUM,
@@ -78,12 +79,37 @@ def open_array(path: Path, use_mmap: bool = True) -> np.ndarray | zarr.Array:
     starts with the rows in row-major order), else opened through zarr. Either way, slicing gives
     numpy rows; the mmap path copies nothing until you do."""
     meta = json.loads((path / "zarr.json").read_text())
-    if use_mmap and (arr := _mmap_array(path, meta)) is not None:
-        return arr
+    plain = _plain_layout(meta)
+    if use_mmap and plain is not None:
+        f = path / "c" / "/".join("0" * len(plain[1]))
+        if plain[1][0] == 0:
+            return np.zeros(plain[1], plain[0])
+        if _index_is_plain(f.stat().st_size, *plain, lambda start, end: _read_range(f, start, end)):
+            return np.memmap(f, dtype=plain[0], mode="r", shape=plain[1])
     return zarr.open_array(str(path), mode="r", zarr_format=3)
 
 
-def _mmap_array(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
+def open_remote_array(store: Store, rel: str, files: dict[str, Any]) -> Any:
+    """The same for an array in object storage: rows streamed by ranged reads with read-ahead
+    (RemoteRows) when the layout is the writer's, else through zarr's own FsspecStore."""
+    meta = json.loads(store.cat(f"{rel}/zarr.json"))
+    plain = _plain_layout(meta)
+    if plain is not None:
+        dtype, shape, rows = plain
+        if shape[0] == 0:
+            return np.zeros(shape, dtype)
+        data = f"{rel}/c/" + "/".join("0" * len(shape))
+        shard_rel = data.split("/", 2)[2]  # relative to the shard dir, as the record lists it
+        size = (files.get(shard_rel) or {}).get("bytes", -1)
+        if _index_is_plain(size, dtype, shape, rows,
+                           lambda start, end: store.fs.cat_file(store.path(data), start=start, end=end)):
+            return RemoteRows(store, data, dtype, shape, rows)
+    return zarr.open_array(store=store.zarr_store(rel), mode="r", zarr_format=3)
+
+
+def _plain_layout(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, rows per inner chunk) when the array is one Zarr shard of uncompressed,
+    full-width, little-endian inner chunks indexed at its end; else None."""
     shape = tuple(meta["shape"])
     codecs = meta["codecs"]
     if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed" or meta["fill_value"] != 0:
@@ -94,40 +120,51 @@ def _mmap_array(path: Path, meta: dict[str, Any]) -> np.ndarray | None:
             or inner[0].get("configuration", {}).get("endian", "little") != "little"
             or conf.get("index_location", "end") != "end"):
         return None
-    rows = conf["chunk_shape"][0]
     if (list(conf["chunk_shape"][1:]) != list(shape[1:])
             or meta["chunk_grid"]["configuration"]["chunk_shape"][0] < shape[0]):
         return None
-    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-    if shape[0] == 0:
-        return np.zeros(shape, dtype)
-    f = path / "c" / "/".join("0" * len(shape))
+    return np.dtype(meta["data_type"]).newbyteorder("<"), shape, conf["chunk_shape"][0]
+
+
+def _index_is_plain(size: int, dtype: np.dtype, shape: tuple[int, ...], rows: int,
+                    read: Any) -> bool:
+    """The shard file holds its inner chunks in order, full size, at offset 0 (so row r sits at
+    r * row_bytes); ``read(start, end)`` reads bytes of it."""
     row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
     n_chunks = -(-shape[0] // rows)
     index_bytes = n_chunks * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
-    size = f.stat().st_size
     if size != n_chunks * rows * row_bytes + index_bytes:
-        return None
-    with open(f, "rb") as fh:
-        fh.seek(size - index_bytes)
-        index = np.frombuffer(fh.read(n_chunks * 16), "<u8").reshape(n_chunks, 2)
+        return False
+    index = np.frombuffer(read(size - index_bytes, size - 4), "<u8").reshape(n_chunks, 2)
     chunk = rows * row_bytes
-    if not (np.array_equal(index[:, 0], np.arange(n_chunks, dtype=np.uint64) * chunk)
-            and (index[:, 1] == chunk).all()):
-        return None
-    return np.memmap(f, dtype=dtype, mode="r", shape=shape)
+    return bool(np.array_equal(index[:, 0], np.arange(n_chunks, dtype=np.uint64) * chunk)
+                and (index[:, 1] == chunk).all())
+
+
+def _read_range(f: Path, start: int, end: int) -> bytes:
+    with open(f, "rb") as fh:
+        fh.seek(start)
+        return fh.read(end - start)
 
 
 class _Shard:
     """Open handles of one shard: the mmapped Arrow table and the per-token arrays."""
 
     def __init__(self, path: Path, record: dict[str, Any], layout: dict[str, Any],
-                 fields: Collection[str], use_mmap: bool = True):
+                 fields: Collection[str], use_mmap: bool = True, store: Store | None = None):
         self.record = record
         self.hidden_dtype = hidden_dtype = layout["hidden_dtype"]
         self.topk = TopkStorage.from_layout(layout)
         stored = {f.name for f in layout_fields(layout)}
-        self.table = pa.ipc.open_file(pa.memory_map(str(path / EXAMPLES_FILE), "r")).read_all()
+        if store is None:
+            self.table = pa.ipc.open_file(pa.memory_map(str(path / EXAMPLES_FILE), "r")).read_all()
+            def opener(name: str) -> Any:
+                return open_array(path / name, use_mmap)
+        else:  # text and ids are small next to the per-token arrays: fetched whole
+            rel = f"{SHARDS_DIR}/{record['name']}"
+            self.table = pa.ipc.open_file(pa.py_buffer(store.cat(f"{rel}/{EXAMPLES_FILE}"))).read_all()
+            def opener(name: str) -> Any:
+                return open_remote_array(store, f"{rel}/{name}", record.get("files") or {})
         names = set(fields) | ({"hidden_scale"} if "hidden" in fields and hidden_dtype == "fp8"
                                else set())
         companions = {"topk_ids": "topk_ids_hi", "topk_logprobs": "topk_logprob_bounds"}
@@ -135,14 +172,14 @@ class _Shard:
         self.sampled = bool({"sampled_ids", "sampled_counts"} & set(fields))
         if self.sampled:  # ragged: a row's entries start at the running sum of sampled_n
             names |= {"sampled_n", "sampled_ids", "sampled_counts"}
-        self.arrays = {n: open_array(path / n, use_mmap) for n in sorted(names)}
+        self.arrays = {n: opener(n) for n in sorted(names)}
         # bytes of one token row over the arrays read (for the reader's byte count; the ragged
         # sampled entries are not counted)
         self.row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
                              for n, a in self.arrays.items()
                              if n not in ("sampled_ids", "sampled_counts"))
         self.mapped = all(isinstance(a, np.memmap) or a.shape[0] == 0 for a in self.arrays.values())
-        self.token_offsets = np.asarray(open_array(path / TOKEN_OFFSETS, use_mmap)[:])
+        self.token_offsets = np.asarray(opener(TOKEN_OFFSETS)[:])
         if self.sampled:
             n = np.asarray(self.arrays["sampled_n"][:], dtype=np.int64)
             self.sampled_start = np.concatenate([[0], np.cumsum(n)])
@@ -214,7 +251,9 @@ class CacheReader:
     def __init__(self, path: str | Path, fields: Collection[str] | None = None,
                  allow_incomplete: bool = False, max_open_shards: int = 4, use_mmap: bool = True,
                  verify_checksums: bool = False):
-        self.path = Path(path)
+        # a URL: its small objects are pulled into a local view; shards stream from the store
+        self.path = open_cache_location(path)
+        self.store = store_of(self.path)
         # Checked once per shard per process, when first opened: a trainer must never learn from a
         # flipped bit. One sequential CRC-32C pass per shard, next to the reads it does anyway.
         self._verify = verify_checksums
@@ -357,7 +396,7 @@ class CacheReader:
             self.bytes_verified += verify_shard_files(self.path, rec)
             self._verified.add(index)
         sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout, self.fields,
-                    self._use_mmap)
+                    self._use_mmap, self.store)
         self._open[index] = sh
         while len(self._open) > self._max_open:
             self._open.popitem(last=False)
@@ -367,22 +406,29 @@ class CacheReader:
 def verify_shard_files(cache_dir: Path, record: dict[str, Any]) -> int:
     """Every file of a committed shard has its recorded size and checksum, or CacheError names
     it. Returns the bytes checksummed."""
+    store = store_of(cache_dir)
     d = Path(cache_dir) / SHARDS_DIR / record["name"]
+    present = store.shard_files(record["name"]) if store else None
     hashed = 0
     for rel, info in (record.get("files") or {}).items():
         f = d / rel
+        size = (present.get(rel) if present is not None
+                else f.stat().st_size if f.is_file() else None)
         problem = None
-        if not f.is_file():
+        if size is None:
             problem = "is missing"
-        elif f.stat().st_size != info["bytes"]:
-            problem = f"has {f.stat().st_size} bytes, the manifest says {info['bytes']}"
+        elif size != info["bytes"]:
+            problem = f"has {size} bytes, the manifest says {info['bytes']}"
         else:
             hashed += info["bytes"]
-            if hash_file(f) != info[CHECKSUM]:
+            got = (store.checksum(f"{SHARDS_DIR}/{record['name']}/{rel}") if store
+                   else hash_file(f))
+            if got != info[CHECKSUM]:
                 problem = "fails its checksum (the bytes changed after the shard was committed)"
         if problem:
-            raise CacheError(f"{cache_dir}: shard {record['name']} is corrupt: {rel} {problem}. "
-                             f"Run `dskd cache verify --repair {cache_dir}`, then rerun the same "
+            where = store.url if store else cache_dir
+            raise CacheError(f"{where}: shard {record['name']} is corrupt: {rel} {problem}. "
+                             f"Run `dskd cache verify --repair {where}`, then rerun the same "
                              "`dskd cache-teacher` command: it rewrites only the bad shards.")
     return hashed
 
@@ -398,7 +444,7 @@ def load_head(path: str | Path, device: str | None = None) -> dict[str, Any]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    p = Path(path)
+    p = open_cache_location(path)
     f = p / HEAD_FILE if p.is_dir() else p
     if not f.is_file():
         raise CacheError(f"{f}: no head file; was this cache written completely?")

@@ -70,7 +70,9 @@ def teacher_tokenizer_dir(cache_dir: str | Path, manifest: dict[str, Any]) -> Pa
     """The directory to load the cache's teacher tokenizer from: the cache's own copy, or, for a
     cache written without one, the teacher directory it names. Either must hold the tokenizer
     the cache was made with (its fingerprint), or CacheError says what to do."""
-    cache_dir = Path(cache_dir)
+    from .remote import open_cache_location
+
+    cache_dir = open_cache_location(cache_dir)  # a store URL: its view (tokenizer included)
     want = manifest["fingerprints"].get("tokenizer")
     if manifest.get("tokenizer"):
         bad = check_tokenizer_files(cache_dir, manifest)

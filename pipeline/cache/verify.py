@@ -9,6 +9,7 @@ largest errors it measured.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,15 @@ import zarr
 from .manifest import committed_shards, hash_file, load_manifest
 from .quant import decode_hidden, rounding_bound
 from .recompute import HeadRecompute, RecomputeStats
+from .remote import open_cache_location, store_of
 from .spec import (
     CHECKSUM,
+    COMMITS_DIR,
     EXAMPLE_COLUMNS,
     EXAMPLES_FILE,
     HEAD_FILE,
     HEAD_WEIGHT,
+    MANIFEST,
     SHARDS_DIR,
     TOKEN_OFFSETS,
     CacheError,
@@ -76,8 +80,8 @@ def check_cache(path: str | Path, checksums: bool = True,
                 sample_rows: int | None = SAMPLE_ROWS) -> VerifyReport:
     """verify_cache's problems plus what each shard measured. ``sample_rows``: token rows per
     shard whose ``hidden @ head`` is recomputed (None: all of them)."""
-    path = Path(path)
     try:
+        path = open_cache_location(path)  # a store URL: its view; shards are read in the store
         m = load_manifest(path)
     except CacheError as e:
         return VerifyReport([Problem(None, "manifest.json", str(e))], {})
@@ -126,8 +130,22 @@ def verify_shard(path: Path, rec: dict[str, Any], lay: dict[str, Any], checksums
                  head: HeadRecompute | None = None, sample_rows: int | None = SAMPLE_ROWS
                  ) -> tuple[list[Problem], ShardReport]:
     """(problems, measurements) of one committed shard; ``head`` None skips the recompute."""
+    store = store_of(path)
+    if store is None:
+        return _verify_shard_dir(path / SHARDS_DIR / rec["name"], rec, lay, checksums, head,
+                                 sample_rows)
+    # In a store: verifying reads every byte anyway (checksums), so the shard is downloaded
+    # once, into a temp dir beside the view, and checked there by the same code.
+    with tempfile.TemporaryDirectory(dir=path, prefix=".verify-") as tmp:
+        d = Path(tmp) / rec["name"]
+        store.get_shard(rec["name"], d)
+        return _verify_shard_dir(d, rec, lay, checksums, head, sample_rows)
+
+
+def _verify_shard_dir(d: Path, rec: dict[str, Any], lay: dict[str, Any], checksums: bool,
+                      head: HeadRecompute | None, sample_rows: int | None
+                      ) -> tuple[list[Problem], ShardReport]:
     name = rec["name"]
-    d = path / SHARDS_DIR / name
     report = ShardReport(n_rows=rec["n_rows"])
     if not d.is_dir():
         return [Problem(name, None, f"directory {d} is missing")], report
@@ -359,7 +377,8 @@ def uncommit_bad_shards(path: str | Path, problems: list[Problem]) -> list[str]:
     """
     from .manifest import commit_path, save_manifest
 
-    path = Path(path)
+    path = open_cache_location(path)
+    store = store_of(path)
     m = load_manifest(path)
     by_name = {s["name"]: i for i, s in committed_shards(path, m).items()}
     bad = sorted({by_name[p.shard] for p in problems if p.shard in by_name})
@@ -370,4 +389,7 @@ def uncommit_bad_shards(path: str | Path, problems: list[Problem]) -> list[str]:
     m["complete"] = False
     m["shards"] = []
     save_manifest(path, m)
+    if store is not None:  # the incomplete manifest first: from then on the records decide
+        store.push(MANIFEST)
+        store.remove(*(f"{COMMITS_DIR}/{commit_path(path, i).name}" for i in bad))
     return [s for s, i in by_name.items() if i in bad]

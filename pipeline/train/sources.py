@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..cache.reader import CachedExample, CacheReader
+from ..cache.remote import open_cache_location, store_of
 from ..cache.spec import CacheError
 from ..data import Example
 from ..tokenize import TokenizedExample, tokenize_text
@@ -74,7 +75,9 @@ class CacheSource:
 
     def __init__(self, path: str | Path, fields: Sequence[str], cache_mb: int = 256,
                  use_mmap: bool = True):
-        self.path, self.fields, self.use_mmap = Path(path), tuple(fields), use_mmap
+        # a store URL becomes its local view once, here: workers reopen the view, not the URL
+        self.path, self.fields = open_cache_location(path), tuple(fields)
+        self.use_mmap = use_mmap
         self.cache_bytes = cache_mb << 20
         self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
         self._lru_bytes: dict[tuple[int, int], int] = {}
@@ -191,9 +194,12 @@ class CacheSource:
         from ..cache.spec import EXAMPLES_FILE, SHARDS_DIR
 
         out = []
+        store = store_of(self.path)
         for _, name, _ in self.shards:
             f = self.path / SHARDS_DIR / name / EXAMPLES_FILE
-            table = pa.ipc.open_file(pa.memory_map(str(f), "r")).read_all()
+            buf = (pa.py_buffer(store.cat(f"{SHARDS_DIR}/{name}/{EXAMPLES_FILE}")) if store
+                   else pa.memory_map(str(f), "r"))
+            table = pa.ipc.open_file(buf).read_all()
             out.append(table.column("n_tokens").to_numpy())
         return np.concatenate(out) if out else np.zeros(0, np.int32)
 
@@ -202,7 +208,11 @@ def check_shards_present(path: str | Path, manifest: dict[str, Any]) -> None:
     """Every committed shard's files exist with their recorded sizes, before any compute."""
     from ..cache.spec import SHARDS_DIR
 
-    root = Path(path) / SHARDS_DIR
+    path = open_cache_location(path)
+    if (store := store_of(path)) is not None:
+        _check_shards_in_store(store, manifest)
+        return
+    root = path / SHARDS_DIR
     for s in manifest["shards"]:
         d = root / s["name"]
         if not d.is_dir():
@@ -215,6 +225,17 @@ def check_shards_present(path: str | Path, manifest: dict[str, Any]) -> None:
                 raise CacheError(f"{path}: shard {s['name']} is corrupt ({rel} is "
                                  f"{'missing' if not f.is_file() else 'truncated or changed'}); "
                                  f"run `dskd cache verify {path}` and rerun cache-teacher")
+
+
+def _check_shards_in_store(store: Any, manifest: dict[str, Any]) -> None:
+    """check_shards_present for a cache in object storage: one listing per shard."""
+    for s in manifest["shards"]:
+        present = store.shard_files(s["name"])
+        for rel, info in (s.get("files") or {}).items():
+            if present.get(rel) != info.get("bytes"):
+                raise CacheError(f"{store.url}: shard {s['name']} is corrupt ({rel} is "
+                                 f"{'missing' if rel not in present else 'truncated or changed'}); "
+                                 f"run `dskd cache verify {store.url}` and rerun cache-teacher")
 
 
 # --------------------------------------------------------------------------- batch builder

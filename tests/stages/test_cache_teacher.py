@@ -174,13 +174,13 @@ def test_interrupted_then_resumed_is_bit_identical(reference, toy_world, tmp_pat
     out = tmp_path / "c"
     real = stage._commit
 
-    def dying(writer, stats):
+    def dying(writer, stats, *rest):
         if writer.index == 2:
             tmp = out / spec.TMP_DIR / "shard-00002.999"
             (tmp / "hidden").mkdir(parents=True)  # half-written leftovers
             (tmp / "hidden" / "zarr.json").write_text("{")
             raise KeyboardInterrupt
-        real(writer, stats)
+        real(writer, stats, *rest)
 
     monkeypatch.setattr(stage, "_commit", dying)
     with pytest.raises(KeyboardInterrupt):

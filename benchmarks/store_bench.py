@@ -1,0 +1,137 @@
+"""Loader headroom against object storage: does a training step wait on the store?
+
+    python benchmarks/store_bench.py --work /tmp/dskd-store            # ~15 min on 2 busy cores
+    python benchmarks/store_bench.py --work /tmp/dskd-store --quick    # smoke run
+
+distill_bench's 10× teacher caches the toy data once; the cache is copied into a local
+S3-compatible server (moto's `moto_server`, its own process, on 127.0.0.1). Side by side, in one
+run, on the same cache bytes:
+
+1. loader tokens/s (shard reads + student tokenization + collate, 2 DataLoader workers, no
+   training) from disk and from the store;
+2. `dskd distill` tokens/s (DSKD from the cache, own process each, 1 torch thread) from disk and
+   from the store.
+
+Headroom = loader tokens/s from the store ÷ distill tokens/s: above 1, the loader keeps ahead of
+training and a step does not wait on the store. moto on localhost has no WAN latency; the
+reader's read-ahead (DSKD_READ_AHEAD chunks per array in background threads) plus the
+DataLoader's prefetched batches are what hide a real store's latency. Results: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_bench import THREADS, big_teacher, distill, loader_only, log, make_cache
+
+from dskd.pipeline.toyworld import build_toy_world
+
+
+def start_moto(work: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_file = open(work / "moto.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], stdout=log_file, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, endpoint
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("moto_server did not start; see moto.log")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    steps, warmup, bs = (12, 3, 8) if args.quick else (40, 3, 8)
+
+    world = build_toy_world(work / "world", seed=0, preset="tiny")
+    teacher = big_teacher(world, work / "teacher_10x")
+    student = Path(world.student)
+    cache = make_cache(teacher, Path(world.train), work / "cache")
+
+    proc, endpoint = start_moto(work)
+    try:
+        # credentials the way users give them: the standard variables (fake ones for moto)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                          AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL_S3=endpoint,
+                          DSKD_STORE_CACHE=str(work / "store-views"))
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("dskd-bench")
+        t = time.perf_counter()
+        fs.put(str(cache) + "/", "s3://dskd-bench/cache/", recursive=True)
+        url = "s3://dskd-bench/cache"
+        m = json.loads((cache / "manifest.json").read_text())
+        r: dict = {"cache_mb": m["totals"]["bytes"] / 2**20, "n_shards": len(m["shards"]),
+                   "upload_s": time.perf_counter() - t, "batch_size": bs, "steps": steps,
+                   "workers": args.workers, "torch_threads": int(THREADS)}
+        log(f"uploaded {r['cache_mb']:.1f} MB in {r['upload_s']:.1f}s")
+
+        torch.set_num_threads(int(THREADS))
+        for where, loc in (("disk", str(cache)), ("store", url)):
+            r[f"loader_{where}"] = loader_only(loc, student, bs, args.workers, steps * 3,
+                                               ["hidden"])
+            log(f"loader from {where}: {r[f'loader_{where}']:,.0f} tok/s")
+        common = {"student": str(student), "batch_size": bs, "max_steps": steps,
+                  "num_workers": args.workers, "seed": 0, "method": "dskd"}
+        for where, loc in (("disk", str(cache)), ("store", url)):
+            r[f"distill_{where}"] = distill(f"distill_{where}", work, warmup, cache=loc, **common)
+        train = r["distill_disk"]["tokens_per_s"]
+        r["headroom_disk"] = r["loader_disk"] / train
+        r["headroom_store"] = r["loader_store"] / train
+        r["distill_store_vs_disk"] = r["distill_store"]["tokens_per_s"] / train
+        same = r["distill_store"]["final_loss"] == r["distill_disk"]["final_loss"]
+        r["same_final_loss"] = same
+    finally:
+        proc.kill()
+        proc.wait()
+    (work / "results.json").write_text(json.dumps(r, indent=2) + "\n")
+    print(report(r))
+
+
+def report(r: dict) -> str:
+    d, s = r["distill_disk"], r["distill_store"]
+    return "\n".join([
+        (f"cache {r['cache_mb']:.1f} MB in {r['n_shards']} shards; batch {r['batch_size']}, "
+        f"{r['steps']} steps, {r['workers']} DataLoader workers, {r['torch_threads']} torch thread(s)"),
+        "",
+        "| | from disk | from the store (moto S3) |",
+        "|---|---|---|",
+        f"| loader alone, tokens/s | {r['loader_disk']:,.0f} | {r['loader_store']:,.0f} |",
+        f"| `dskd distill` (DSKD), tokens/s | {d['tokens_per_s']:,.0f} | {s['tokens_per_s']:,.0f} |",
+        (f"| loader headroom (loader ÷ distill from disk) | {r['headroom_disk']:.1f}× | "
+        f"{r['headroom_store']:.1f}× |"),
+        "",
+        (f"distill from the store ÷ from disk: {r['distill_store_vs_disk']:.2f}; "
+        f"same final loss: {r['same_final_loss']}"),
+    ])
+
+
+if __name__ == "__main__":
+    main()
