@@ -33,8 +33,17 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes
 from ..failpoints import failpoint
-from .manifest import checksum_hex, checksum_update
-from .spec import COMMITS_DIR, HEAD_FILE, LOCKS_DIR, MANIFEST, SHARDS_DIR, TMP_DIR, CacheError
+from .manifest import checksum_hex, checksum_update, hash_file
+from .spec import (
+    CHECKSUM,
+    COMMITS_DIR,
+    HEAD_FILE,
+    LOCKS_DIR,
+    MANIFEST,
+    SHARDS_DIR,
+    TMP_DIR,
+    CacheError,
+)
 
 MARKER = ".dskd-store.json"  # in a view dir: the URL it mirrors (no credentials)
 VIEW_ENV = "DSKD_STORE_CACHE"  # where view dirs live [default: ~/.cache/dskd/store]
@@ -116,6 +125,18 @@ def store_errors(url: str, doing: str) -> Iterator[None]:
         raise CacheError(f"{url}: {doing} failed ({name}: {e})") from None
 
 
+def _known_checksums(manifest: bytes | None) -> dict[str, str]:
+    """Relative path → checksum of the head and tokenizer files, as the manifest records them."""
+    try:
+        m = json.loads(manifest) if manifest else {}
+        out = {HEAD_FILE: m["head"][CHECKSUM]} if CHECKSUM in (m.get("head") or {}) else {}
+        tok = m.get("tokenizer") or {}
+        out |= {f"{tok['dir']}/{n}": i[CHECKSUM] for n, i in (tok.get("files") or {}).items()}
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}  # damaged: load_manifest says so, naming the file
+
+
 def _is_complete(manifest: bytes | None) -> bool:
     try:
         return bool(manifest) and json.loads(manifest).get("complete") is True
@@ -181,9 +202,10 @@ class Store:
             blobs = self.fs.cat([self.path(COMMITS_DIR, n) for n in names]) if names else {}
             for n in names:
                 atomic_write_bytes(local / n, blobs[self.path(COMMITS_DIR, n)])
+            known = _known_checksums(manifest)
             for name in _SMALL:
                 if name in top:
-                    self._mirror(name)
+                    self._mirror(name, known)
             # the manifest last: a view never lists a shard whose record it lacks
             if manifest is not None:
                 atomic_write_bytes(self.view / MANIFEST, manifest)
@@ -198,17 +220,19 @@ class Store:
             return {}
         return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries}
 
-    def _mirror(self, rel: str) -> None:
-        """Copy one small object (or every object under a small prefix) into the view, skipping
-        files whose size already matches (their checksums are checked against the manifest by
-        every reader anyway)."""
+    def _mirror(self, rel: str, known: dict[str, str]) -> None:
+        """Copy one small object (or every object under a small prefix) into the view, unless
+        the view's copy has the same size and the checksum the manifest records for it."""
         src = self.path(rel)
         files = ({src: self.fs.info(src)["size"]} if self.fs.isfile(src)
                  else {f: i["size"] for f, i in self.fs.find(src, detail=True).items()})
         for f, size in files.items():
-            dest = self.view / f[len(self.root) + 1:]
-            if not (dest.is_file() and dest.stat().st_size == size):
-                atomic_write_bytes(dest, self.fs.cat_file(f))
+            name = f[len(self.root) + 1:]
+            dest = self.view / name
+            if (dest.is_file() and dest.stat().st_size == size
+                    and (name not in known or hash_file(dest) == known[name])):
+                continue
+            atomic_write_bytes(dest, self.fs.cat_file(f))
 
     def push(self, *rels: str) -> None:
         """Upload files (or whole dirs) of the view, in this order, one PUT per file."""
