@@ -651,13 +651,22 @@ def _print_summary(scores: dict, names: list[str], truth_scores: dict | None = N
     from rich.table import Table
 
     if truth_scores:  # the exact numbers first, as in report.md
-        console.print("Against the truth (exact, lower excess KL is better):")
-        console.print(report_mod.truth_table(truth_scores), markup=False, highlight=False)
+        sets = {s for per_set in truth_scores.values() for s in per_set}
+        t = Table(title="Against the truth (exact; lower excess KL is better)")
+        t.add_column("model")
+        for _, title in report_mod.TRUTH_COLUMNS:
+            t.add_column(title, justify="right")
+        for m, per_set in truth_scores.items():
+            for sname, row in per_set.items():
+                t.add_row(m if len(sets) == 1 else f"{m} · {sname}",
+                          *report_mod.truth_cells(row))
+        console.print(t)
     table, columns = report_mod.score_table(scores, "rougeL")
-    t = Table(title="ROUGE-L (mean ± std over seeds)", caption=report_mod.ROUGE_NOTE)
+    t = Table(title="ROUGE-L (mean ± std over seeds)")
     t.add_column("model")
     for c in columns:
         t.add_column(c, justify="right")
     for m, row in table.items():
         t.add_row(m, *[report_mod._fmt(row.get(c)) for c in columns])
     console.print(t)
+    console.print(report_mod.ROUGE_NOTE, highlight=False)

@@ -108,6 +108,12 @@ ROUGE_NOTE = ("ROUGE-L (the paper's metric) scores each sampled answer against i
               "does, and it carries sampling noise.")
 
 
+def truth_cells(t: dict) -> list[str]:
+    """One model's TRUTH_COLUMNS as table cells (validity in %)."""
+    return ["–" if t.get(k) is None else f"{100 * t[k]:.1f}" if k == "validity" else f"{t[k]:.4f}"
+            for k, _ in TRUTH_COLUMNS]
+
+
 def truth_table(truth: dict) -> str:
     """Rows model (· set when several), columns TRUTH_COLUMNS."""
     sets = sorted({s for per_set in truth.values() for s in per_set})
@@ -116,10 +122,7 @@ def truth_table(truth: dict) -> str:
     for model, per_set in truth.items():
         for sname, t in per_set.items():
             name = model if len(sets) == 1 else f"{model} · {sname}"
-            vals = ["–" if t.get(k) is None else
-                    f"{100 * t[k]:.1f}" if k == "validity" else f"{t[k]:.4f}"
-                    for k, _ in TRUTH_COLUMNS]
-            lines.append(f"| {name} | " + " | ".join(vals) + " |")
+            lines.append(f"| {name} | " + " | ".join(truth_cells(t)) + " |")
     return "\n".join(lines)
 
 

@@ -319,6 +319,14 @@ def test_report_puts_exact_metrics_first_and_says_what_rouge_sees(tmp_path, trut
         assert "## Against the truth" not in report
 
 
+def test_printed_summary_shows_exact_metrics_first(capsys):
+    res = _synthetic_results(True)
+    ev._print_summary(res["scores"], ["test"], res["truth"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.index("Against the truth") < err.index("ROUGE-L (mean")
+    assert "0.7500" in err and "sampling noise" in err
+
+
 def test_a_run_dir_gives_its_best_checkpoint_and_lora_adapters_are_evaluable(toy_world, tmp_path,
                                                                             capsys):
     """`--model RUN_DIR` takes the checkpoint the run selected (best.json) and says so, else

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dskd.pipeline.data import load_examples
 from dskd.pipeline.tokenize import IGNORE_INDEX, model_inputs, tokenize_example
-from dskd.stages.quickstart import STUDENTS, QuickstartConfig, run
+from dskd.stages.quickstart import STUDENTS, QuickstartConfig, run, truth_summary
 
 
 def response_nll(model_dir: Path, data: Path, n: int = 60) -> float:
@@ -58,6 +58,18 @@ def test_every_stage_wrote_its_outputs(quickstart):
     assert "## Against the truth" in text and "| xvocab-dskd-cma | " in text.split("truth")[1]
     assert set(results["truth"]) == {"teacher", *STUDENTS}
     assert "benchmarks/evidence.py" in text
+    assert truth_summary(results["truth"]) in text
+    assert json.loads((out / "quickstart.json").read_text())["torch_threads"] == 1
+
+
+def test_truth_summary_states_teacher_sft_and_the_students_that_beat_sft():
+    kl = {"teacher": 1.0, "sft": 3.0, "kd-fkl": 2.5, "dskd-fkl": 3.5, "xvocab-sft": 4.0,
+          "xvocab-uld": 4.5, "xvocab-mined": 4.2, "xvocab-dskd-cma": 4.5}
+    line = truth_summary({m: {"toy-test": {"excess_kl": v}} for m, v in kl.items()})
+    assert "teacher 1.00, SFT student 3.00" in line
+    assert "(same vocabulary): kd-fkl 2.50;" in line and "dskd-fkl" not in line
+    assert "(other vocabulary, vs xvocab-sft 4.00): none." in line
+    assert truth_summary({"sft": {"toy-test": {"excess_kl": 1.0}}}) is None  # no teacher row
 
 
 def test_trained_teacher_beats_untrained_on_held_out_nll(quickstart):
