@@ -165,7 +165,7 @@ def _read_with_datasets(path: str) -> Iterator[tuple[int, Any]]:
         raise
     except FileNotFoundError as e:
         raise DataError(f"{path}: not found ({e}). Give a local file or dataset directory.") from None
-    except Exception as e:  # datasets raises many types; the user needs the file and the reason
+    except Exception as e:  # noqa: BLE001 (datasets raises many types; say file and reason)
         raise DataError(f"{path}: could not be read by `datasets`: {type(e).__name__}: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
         split = "train" if "train" in ds else next(iter(ds))

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +17,7 @@ def dskd(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
     base = {k: v for k, v in os.environ.items() if k != "DSKD_FAILPOINTS"}
     full_env = {**base, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dskd.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, check=False)
 
 
 def cache_args(world, out: Path, *extra: str) -> list[str]:

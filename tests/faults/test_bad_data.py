@@ -82,8 +82,9 @@ def test_skip_policy_skips_and_reports_exactly_the_bad_rows(tmp_path_factory, ro
 
 
 def test_prompt_longer_than_the_limit_is_skipped_and_reported(tmp_path):
-    from transformers import AutoTokenizer
     from pathlib import Path
+
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[2] / ".." / "shared" / "tokenizers" / "gpt2")
     rows = [{"instruction": "short", "response": "ok"},

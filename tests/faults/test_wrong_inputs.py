@@ -1,7 +1,6 @@
 """Fault suite, wrong inputs: a teacher vocabulary padded past its tokenizer (the Qwen
 151936/152064-vs-151646 case), and NaN in the teacher's outputs."""
 
-import shutil
 
 import pytest
 import torch

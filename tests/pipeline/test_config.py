@@ -15,7 +15,7 @@ class DemoConfig:
     lr: float = 5e-4
     template: Literal["dskd", "chat", "none"] = "dskd"
     seeds: list[int] = field(default_factory=lambda: [10, 20])
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # noqa: UP045 (the typing.Optional spelling must parse too)
     overwrite: bool = False
 
 

@@ -6,8 +6,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from dskd.pipeline.data import Example
-from dskd.pipeline.tokenize import (IGNORE_INDEX, TokenizeError, ensure_special_tokens, model_inputs,
-                                    tokenize_example)
+from dskd.pipeline.tokenize import (
+    IGNORE_INDEX,
+    TokenizeError,
+    ensure_special_tokens,
+    model_inputs,
+    tokenize_example,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 

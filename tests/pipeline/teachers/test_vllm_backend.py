@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from dskd.pipeline.teachers.head import head_step
 from dskd.pipeline.teachers.hf_backend import HFTeacher
 from dskd.pipeline.teachers.vllm_backend import VLLMTeacher
