@@ -235,7 +235,7 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Variant],
             row["vs_exact"] = {"mean": c["mean"], "ci95": c["ci95"],
                                "p_holm": c["p_holm"], "seeds": c["seeds"],
                                "verdict": {"holds": "worse", "reversed": "better",
-                                           "inconclusive": "indistinguishable"}[c["verdict"]]}
+                                           "inconclusive": "inconclusive"}[c["verdict"]]}
         rows.append(row)
     out: dict[str, Any] = {"metric": metric, "curve": rows}
     if shared(ETA, CMA) >= 2:
@@ -245,6 +245,15 @@ def summarize(records: list[dict[str, Any]], meta: dict[str, Variant],
             "evidence.json" if gates else "none (evidence.json not written yet)"),
             "means": {n: sum(per_seed[n].values()) / len(per_seed[n]) for n in (ETA, CMA)}}
     return out
+
+
+def sft_reference(ev_dir: Path, seeds: list[int], metric: str = "excess_kl"
+                  ) -> dict[str, Any] | None:
+    """The evidence run's SFT students (no teacher) over these seeds: the floor a cache
+    variant has to beat to be worth anything (context for the figure, not a claim)."""
+    vals = {s: json.loads(f.read_text())["test"][metric] for s in seeds
+            if (f := ev_dir / "runs" / f"sft-s{s}" / "truth.json").is_file()}
+    return {"seeds": sorted(vals), "mean": sum(vals.values()) / len(vals)} if vals else None
 
 
 def _gates(ev_dir: Path) -> dict[str, bool] | None:
@@ -269,6 +278,9 @@ def render(summary: dict[str, Any], figure: str | None = "curve.png") -> str:
         spread = f" ± {r['half']:.3f}" if r["n"] > 1 else ""
         lines.append(f"| {r['label']} | {r['bytes_per_token']:.1f} | {r['n']} | "
                      f"{r['mean']:.3f}{spread} | {tail} |")
+    if summary.get("sft"):
+        lines += ["", (f"For scale: SFT without a teacher (the evidence run's `sft`, seeds "
+                       f"{summary['sft']['seeds']}) is at {summary['sft']['mean']:.3f}.")]
     e = summary.get("eta_vs_cma")
     if e:
         lines += ["", "| claim | mean paired diff (nats/response) | 95% CI | p | verdict |",
@@ -285,6 +297,7 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     """Excess KL (mean ± 95% t half-width) against signal bytes/token, log x; one series per
     signal family, the fp16-exact mean as a dashed line."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     from dskd.pipeline.plots import _save
 
@@ -307,7 +320,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     ref = next((r for r in summary["curve"] if r["arm"] == EXACT), None)
     if ref:
         ax.axhline(ref["mean"], color="tab:blue", linestyle="--", linewidth=0.8)
+    if summary.get("sft"):
+        ax.axhline(summary["sft"]["mean"], color="grey", linestyle=":", linewidth=1.0,
+                   label="SFT, no teacher (evidence run)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: f"{x:g}" if str(int(x))[0] in "25"
+                                               and x == int(x) else ""))
     ax.set_xlabel("bytes per token row the student reads (measured; log scale)")
     ax.set_ylabel("test excess KL to the truth (nats/response)")
     ax.set_title("KD student quality vs what the cache stores")
@@ -324,7 +343,7 @@ def _family(row: dict[str, Any]) -> str:
 
 
 def plain_reading(summary: dict[str, Any]) -> str:
-    """Which variants are indistinguishable from the fp16-exact student, which are worse or
+    """Which variants cannot be told apart from the fp16-exact student, which are worse or
     better (paired, Holm-corrected over the variants), and the ETA-vs-CMA verdict."""
     by: dict[str, list[str]] = {}
     for r in sorted(summary["curve"], key=lambda r: -r["bytes_per_token"]):
@@ -334,9 +353,10 @@ def plain_reading(summary: dict[str, Any]) -> str:
                 f"{r['label']} ({r['bytes_per_token']:.0f} B/token, {v['mean']:+.3f} "
                 f"[{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}])")
     parts = []
-    for verdict, say in (("indistinguishable", ("Indistinguishable from the fp16-exact student "
-                          "(paired difference not significant after Holm over the variants; "
-                          "uncorrected 95% interval shown)")),
+    for verdict, say in (("inconclusive", ("Not distinguishable from the fp16-exact student "
+                          "with these seeds (paired difference not significant after Holm over "
+                          "the variants; uncorrected 95% interval shown — a wide interval means "
+                          "too little power, not equality)")),
                          ("worse", "Further from the truth than fp16-exact"),
                          ("better", "Closer to the truth than fp16-exact")):
         if by.get(verdict):
@@ -350,8 +370,23 @@ def plain_reading(summary: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+INTRO = (
+    "How close to the truth a student gets depending on what the cache stores. One teacher "
+    "(the evidence run's), one cache per variant over the same 300 distillation rows, the same "
+    "KD student (kd, forward KL, α 0.5, τ 2, the evidence preset's lr and epochs) trained from "
+    "each under the evidence seeds (seed s = the evidence run's init s and data order s, so "
+    "every run pairs with the fp16-exact student, which is the evidence run's `kd-fkl`), scored "
+    "exactly against the truth on the test split (excess KL per response; lower is better). "
+    "Signal B/token = the measured stored bytes of exactly the per-token arrays that student "
+    "reads (docs/benchmarks.md, \"The storage–accuracy variants\"); the exact variants also read "
+    "the teacher's LM head once per cache, not counted per token. Top-k log-probs are q8, ids "
+    "uint16; sampled targets are drawn at τ 2 (as `--teacher-signal sampled` requires). "
+    "Intervals: 95% t over seeds (mean ± half-width); paired differences against fp16-exact "
+    "over the seeds both have, Holm-corrected over the variants.")
+
+
 def doc_section(summary: dict[str, Any], command: str, figure: str) -> str:
-    return "\n".join(["## Storage–accuracy curve", "", f"Command: `{command}`", "",
+    return "\n".join(["## Storage–accuracy curve", "", INTRO, "", f"Command: `{command}`", "",
                       render(summary, figure), plain_reading(summary)]) + "\n"
 
 
@@ -404,6 +439,7 @@ def main() -> None:
                else run(a.evidence, a.out, todo, seeds, a.workers, a.threads))
     summary = summarize(records, {v.name: v for v in todo},
                         measured_bytes(a.evidence, a.out, todo), _gates(a.evidence))
+    summary["sft"] = sft_reference(a.evidence, seeds)
     command = ("python benchmarks/storage_curve.py --evidence EV --out OUT"
                + (f" --seeds {a.seeds}" if a.seeds != 5 else "")
                + (" --report-only" if a.report_only else ""))

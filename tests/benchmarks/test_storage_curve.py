@@ -90,7 +90,7 @@ def test_verdicts_table_figure_and_doc_follow_from_the_records(sc, tmp_path):
     assert "stale text" not in text and "top part" in text and text.endswith("evidence.json).\n\n## Later\n\nkeep\n")
     assert text.count("## Storage–accuracy curve") == 1 and "sampled N=4" in text
     reading = sc.plain_reading(s)
-    assert "Indistinguishable from the fp16-exact student (" in reading
+    assert "Not distinguishable from the fp16-exact student with these seeds (" in reading
     assert reading.index("exact, fp8 hidden") < reading.index("Further from the truth")
     assert "DSKD-ETA vs DSKD-CMA (cross vocabulary, same seeds): **holds**" in reading
 
