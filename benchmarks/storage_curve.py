@@ -313,10 +313,13 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
         ax.errorbar([r["bytes_per_token"] for r in pts], [r["mean"] for r in pts],
                     yerr=[r["half"] for r in pts], marker=marker, color=color, capsize=3,
                     linestyle="-" if fam != "exact" else "none", label=fam)
-        for r in pts:
-            ax.annotate(r["label"].split(",")[0] if fam != "exact" else r["label"],
-                        (r["bytes_per_token"], r["mean"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=color)
+        for r in pts:  # short tags; bucket/exact above the point, renorm/sampled below
+            tag = {"exact": lambda r: r["label"].split(", ")[1].split()[0],
+                   "sampled": lambda r: r["label"].split()[-1]}.get(
+                fam, lambda r: "k=" + r["label"].split(",")[0].removeprefix("top-"))(r)
+            ax.annotate(tag, (r["bytes_per_token"], r["mean"]), textcoords="offset points",
+                        xytext=(4, 4 if fam in ("exact", "topk-bucket") else -10), fontsize=7,
+                        color=color)
     ref = next((r for r in summary["curve"] if r["arm"] == EXACT), None)
     if ref:
         ax.axhline(ref["mean"], color="tab:blue", linestyle="--", linewidth=0.8)
