@@ -389,8 +389,11 @@ INTRO = (
 
 
 def doc_section(summary: dict[str, Any], command: str, figure: str) -> str:
-    return "\n".join(["## Storage–accuracy curve", "", INTRO, "", f"Command: `{command}`", "",
-                      render(summary, figure), plain_reading(summary)]) + "\n"
+    import textwrap
+
+    return "\n".join(["## Storage–accuracy curve", "", textwrap.fill(INTRO, 100), "",
+                      f"Command: `{command}`", "", render(summary, figure),
+                      textwrap.fill(plain_reading(summary), 100)]) + "\n"
 
 
 def write_section(doc: Path, section: str, heading: str = "## Storage–accuracy curve") -> None:
