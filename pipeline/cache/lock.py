@@ -125,6 +125,7 @@ class ObjectLock:
         return f"{LOCKS_DIR}/{name}"
 
     def _read(self, name: str) -> dict[str, Any] | None:
+        self.store.fs.invalidate_cache(self.store.path(LOCKS_DIR))  # never a cached listing
         try:
             return json.loads(self.store.fs.cat_file(self.store.path(self._rel(name))))
         except FileNotFoundError:

@@ -224,6 +224,7 @@ class Store:
         """Copy one small object (or every object under a small prefix) into the view, unless
         the view's copy has the same size and the checksum the manifest records for it."""
         src = self.path(rel)
+        self.fs.invalidate_cache(src)  # listings are cached per filesystem; the store moves on
         files = ({src: self.fs.info(src)["size"]} if self.fs.isfile(src)
                  else {f: i["size"] for f, i in self.fs.find(src, detail=True).items()})
         for f, size in files.items():
@@ -246,6 +247,7 @@ class Store:
     def remove(self, *rels: str) -> None:
         with store_errors(self.url, "deleting objects"):
             for rel in rels:
+                self.fs.invalidate_cache(self.path(rel))
                 if self.fs.exists(self.path(rel)):
                     self.fs.rm(self.path(rel), recursive=True)
 
@@ -256,6 +258,7 @@ class Store:
         name = record["name"]
         with store_errors(self.url, f"uploading shard {name}"):
             prefix = self.path(SHARDS_DIR, name)
+            self.fs.invalidate_cache(prefix)
             if self.fs.exists(prefix):
                 self.fs.rm(prefix, recursive=True)
             local = self.view / SHARDS_DIR / name
@@ -270,6 +273,7 @@ class Store:
         """Delete the cache's objects (not the locks), the manifest first: a wipe cut short
         leaves no cache. The view is cleared too."""
         with store_errors(self.url, "deleting the cache (--overwrite)"):
+            self.fs.invalidate_cache(self.root)
             if self.fs.exists(self.path(MANIFEST)):
                 self.fs.rm_file(self.path(MANIFEST))
             for name in self._listing(self.root):
@@ -285,6 +289,7 @@ class Store:
         """Every object under a shard's prefix (relative path → bytes)."""
         prefix = self.path(SHARDS_DIR, name)
         with store_errors(self.url, f"listing shard {name}"):
+            self.fs.invalidate_cache(prefix)
             try:
                 found = self.fs.find(prefix, detail=True)
             except FileNotFoundError:
