@@ -120,7 +120,8 @@ def plain_reading(result: dict) -> str:
         for reading in ("better", "worse", "inconclusive"):
             got = [c for c in cells if c["vs_default"]["reading"] == reading]
             if got:
-                say.append(f"{reading} than the default: " + "; ".join(
+                how = "than" if reading != "inconclusive" else "against"
+                say.append(f"{reading} {how} the default: " + "; ".join(
                     f"α {c['kd_rate']:g} τ {c['kd_temperature']:g} "
                     f"({c['vs_default']['mean']:+.3f}, 95% CI [{c['vs_default']['ci95'][0]:+.3f}, "
                     f"{c['vs_default']['ci95'][1]:+.3f}])" for c in got))
@@ -157,7 +158,8 @@ def main() -> None:
                    + (f" --seeds {a.seeds}" if a.seeds != 5 else "")
                    + (" --collect" if a.collect else ""),
         "evidence": str(a.evidence), "seeds": seeds, "wall_s": round(time.perf_counter() - t0, 1),
-        "trained": sum(1 for r in records if not r["reused_from"]),
+        "own_runs": sum(1 for r in records if not r["reused_from"]),
+        "reused_runs": sum(1 for r in records if r["reused_from"]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "workers": a.workers, "torch_threads": a.threads, "torch": torch.__version__}})
     a.out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,8 @@ def main() -> None:
     md = render(result) + "\n" + plain_reading(result) + "\n"
     (a.out / "sensitivity.md").write_text(md)
     print(md)
-    print(f"wall: {result['wall_s']} s; trained {result['trained']} of {len(records)} runs")
+    print(f"wall: {result['wall_s']} s; {result['own_runs']} runs of its own (trained now or by "
+          f"an earlier call), {result['reused_runs']} reused from the evidence run")
 
 
 if __name__ == "__main__":
