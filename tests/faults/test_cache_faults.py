@@ -19,8 +19,9 @@ pytestmark = pytest.mark.faults
 
 @pytest.mark.parametrize("point", [
     "shard.mid_write:1",   # first shard half written (token arrays, no examples table)
-    "shard.renamed:2",     # second shard renamed into place, its commit record not yet written
-    "shard.renamed:3",     # last shard in place, manifest not yet finalized
+    # the default tier keeps one kill point per stage; the others run in the slow tier (`-m slow`)
+    pytest.param("shard.renamed:2", marks=pytest.mark.slow),  # 2nd shard in place, no commit record yet
+    pytest.param("shard.renamed:3", marks=pytest.mark.slow),  # last shard in place, no manifest yet
 ])
 def test_sigkill_at_a_failpoint_then_rerun_is_bit_identical(fx, toy_world, reference_cache, tmp_path, point):
     out = tmp_path / "cache"
@@ -47,9 +48,9 @@ def _copy(src: Path, dst: Path) -> Path:
     ("shards/shard-00000/hidden/c/0/0", "flip"),
     ("shards/shard-00002", "delete"),
     ("manifest.json", "truncate"),
-    ("manifest.json", "flip"),
+    pytest.param("manifest.json", "flip", marks=pytest.mark.slow),
     ("head.safetensors", "flip"),
-    ("head.safetensors", "truncate"),
+    pytest.param("head.safetensors", "truncate", marks=pytest.mark.slow),
 ])
 def test_corruption_is_named_by_verify_and_refused_by_distill(fx, toy_world, reference_cache, tmp_path,
                                                                target, damage):

@@ -38,8 +38,10 @@ def reference_run(fx, toy_world, reference_cache, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("point", [
     "train.step:3",             # between two optimizer steps, after the step-2 checkpoint
-    "checkpoint.mid_write:2",   # inside the step-4 checkpoint: student written, the rest not
-    "train.step:1",             # before any checkpoint exists: the resume starts from scratch
+    # inside the step-4 checkpoint: student written, the rest not (slow tier, like the next)
+    pytest.param("checkpoint.mid_write:2", marks=pytest.mark.slow),
+    # before any checkpoint exists: the resume starts from scratch
+    pytest.param("train.step:1", marks=pytest.mark.slow),
 ])
 def test_sigkill_then_resume_reaches_the_same_weights(fx, toy_world, reference_cache, reference_run,
                                                       tmp_path, point):

@@ -18,7 +18,7 @@ def _teacher_copy(world, dst, edit):
     return dst
 
 
-@pytest.mark.parametrize("method", ["kd", "dskd"])
+@pytest.mark.parametrize("method", ["kd", pytest.param("dskd", marks=pytest.mark.slow)])
 def test_teacher_vocab_padded_past_the_tokenizer(fx, toy_world, tmp_path, method):
     teacher = _teacher_copy(toy_world, tmp_path / "padded", lambda m, tok: m.resize_token_embeddings(
         len(tok) + 9, mean_resizing=False))
