@@ -354,16 +354,13 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--world-seed", type=int, default=0)
-    ap.add_argument("--seeds", type=int, default=5, help="training seeds (paired), ≥ 2")
+    grid.add_run_args(ap)
     ap.add_argument("--sweep", action="store_true", help="run the SFT-only lr/epochs sweep")
     ap.add_argument("--write-doc", type=Path, default=None, help="also write this markdown file")
     ap.add_argument("--doc-from", type=Path, nargs="*", default=None,
                     help="render --write-doc from these finished evidence dirs (no training)")
-    ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     a = ap.parse_args()
-    if a.seeds < 2:
-        ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
+    grid.check_run_args(ap, a)
     torch.set_num_threads(a.threads)  # the teacher: see _init_worker
     if a.doc_from:
         results = [json.loads((d / "evidence.json").read_text()) for d in a.doc_from]

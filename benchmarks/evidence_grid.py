@@ -195,6 +195,19 @@ def record(job: dict[str, Any], got: dict[str, Any]) -> dict[str, Any]:
             "cache": job["caches"]["train"], "reused_from": job.get("reused_from")}
 
 
+def add_run_args(ap: Any, seeds_help: str = "training seeds 1..N (paired), ≥ 2") -> None:
+    """The options every study on an evidence world shares (evidence, sensitivity, storage
+    curve): how many paired seeds, and how the student runs are spread over processes."""
+    ap.add_argument("--seeds", type=int, default=5, help=seeds_help)
+    ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+
+
+def check_run_args(ap: Any, a: Any) -> None:
+    if a.seeds < 2:
+        ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
+
+
 def run_grid(evidence: Path, arms: Sequence[Arm], seeds: Sequence[int], out: Path,
              workers: int = 2, threads: int = 1, reuse: bool = True,
              train: bool = True) -> list[dict[str, Any]]:

@@ -136,15 +136,12 @@ def main() -> None:
     ap.add_argument("--evidence", type=Path, required=True,
                     help="a benchmarks/evidence.py --out dir (its world, caches and inits)")
     ap.add_argument("--out", type=Path, required=True, help="where the new runs and tables go")
-    ap.add_argument("--seeds", type=int, default=5, help="paired seeds 1..N, ≥ 2")
+    grid.add_run_args(ap)
     ap.add_argument("--only", nargs="*", default=None, help="run only these arm names (a check)")
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: tables from the runs finished so far (a grid cut short)")
-    ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     a = ap.parse_args()
-    if a.seeds < 2:
-        ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
+    grid.check_run_args(ap, a)
     chosen = [x for x in arms() if a.only is None or x.name in a.only]
     if a.only and len(chosen) != len(a.only):
         ap.error(f"--only: unknown arm(s); the arms are {[x.name for x in arms()]}")

@@ -414,10 +414,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--evidence", type=Path, required=True, help="a benchmarks/evidence.py --out dir")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--seeds", type=int, default=5, help="evidence seeds 1..N (paired), ≥ 2")
+    _grid().add_run_args(ap)
     ap.add_argument("--no-eta", action="store_true", help="skip the DSKD-ETA vs DSKD-CMA arm")
-    ap.add_argument("--workers", type=int, default=2, help="student runs in parallel (processes)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--arms", default=None,
                     help="comma-separated variant names to run, in this order within each seed "
                          "(default: all; e.g. to put the ones a short run must have first)")
@@ -427,8 +425,7 @@ def main() -> None:
     ap.add_argument("--write-doc", type=Path, default=None,
                     help="also put the section into this markdown file (replaced if there)")
     a = ap.parse_args()
-    if a.seeds < 2:
-        ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
+    _grid().check_run_args(ap, a)
     a.out.mkdir(parents=True, exist_ok=True)
     import torch
 
