@@ -87,13 +87,21 @@ _OPTION_NAMES = {f.name for f in fields(LossOptions)}
 SIGNALS = ("exact", "topk", "sampled")
 
 
+# Methods whose loss has a KD term (the others: sft trains on CE only), and those whose KD term
+# is a `--divergence` at `--kd-temperature` (ULD's is an L1 between sorted probabilities).
+KD_TERM = tuple(m for m in METHODS if m != "sft")
+DIVERGENCE_KD = tuple(m for m in KD_TERM if m != "uld")
+
+
 @dataclass(frozen=True)
 class OptionScope:
-    """Which methods and teacher signals read a loss option. With any other, a non-default value
-    would be silently ignored, so `dskd distill` refuses it (option_problems says who reads it)."""
+    """Which methods, teacher signals and divergences read a loss option. With any other, a
+    non-default value would be silently ignored, so `dskd distill` refuses it (option_problems
+    says who reads it)."""
 
     methods: tuple[str, ...] = METHODS
     signals: tuple[str, ...] = SIGNALS
+    divergences: tuple[str, ...] = DIVERGENCES  # short names (--divergence)
     default: Any = None  # None: the LossOptions default (set for a flag LossOptions lacks)
 
 
@@ -101,10 +109,11 @@ class OptionScope:
 # some methods read (tested: every loss option flag of `dskd distill` has an entry). An entry
 # with the full scope is never refused: these accept any method, as they always have.
 OPTION_SCOPES: dict[str, OptionScope] = {
-    "kd_rate": OptionScope(),
-    "kd_temperature": OptionScope(),
-    "skew_lambda": OptionScope(),
-    "adaptive_kl_alpha": OptionScope(),
+    "kd_rate": OptionScope(KD_TERM),  # sft's loss is CE alone (SFTLoss has no KD term)
+    "kd_temperature": OptionScope(DIVERGENCE_KD),
+    "divergence": OptionScope(DIVERGENCE_KD, default="fkl"),
+    "skew_lambda": OptionScope(DIVERGENCE_KD, divergences=("skl", "srkl")),
+    "adaptive_kl_alpha": OptionScope(DIVERGENCE_KD, divergences=("akl",)),
     "chunk_rows": OptionScope(),
     "teacher_target": OptionScope(),  # not a flag: follows --teacher-signal
     "teacher_space_divergence": OptionScope(DUAL_SPACE),
@@ -116,14 +125,18 @@ OPTION_SCOPES: dict[str, OptionScope] = {
     "projector_init": OptionScope(DUAL_SPACE),  # the others have no projectors
     "t2s_agreement": OptionScope(DSKD_V2),  # the v2 agreement filter
     "alignment": OptionScope(("dskd-eta",), default="official"),  # ETA's token alignment rule
-    "sparse_tail": OptionScope(signals=("topk",)),  # only a top-k target has a tail
+    # only a top-k target has a tail, and only the methods that learn from one read it
+    "sparse_tail": OptionScope(tuple(m for m, s in TEACHER_SIGNALS.items() if "topk" in s),
+                               signals=("topk",)),
 }
 
 
 def option_problems(method: str, values: Mapping[str, Any], teacher_signal: str = "exact"
                     ) -> list[str]:
-    """Each non-default loss option in `values` that `method` (with this signal) does not read."""
+    """Each non-default loss option in `values` that `method` (with this signal and the
+    divergence `values["divergence"]`, default fkl) does not read."""
     base, out = LossOptions(), []
+    divergence = canonical_divergence(values.get("divergence") or "fkl")
     for name, scope in OPTION_SCOPES.items():
         default = getattr(base, name) if scope.default is None else scope.default
         v = values.get(name, default)
@@ -135,6 +148,9 @@ def option_problems(method: str, values: Mapping[str, Any], teacher_signal: str 
         elif teacher_signal not in scope.signals:
             out.append(f"{_flag(name, v)} does nothing without --teacher-signal "
                        f"{' or '.join(scope.signals)}; drop it")
+        elif divergence not in scope.divergences:
+            out.append(f"{_flag(name, v)} does nothing with --divergence {divergence} (read by "
+                       f"--divergence {' or '.join(scope.divergences)} only); drop it")
     return out
 
 

@@ -5,6 +5,7 @@ refusals of bad input, special tokens, LoRA, validation/best; slow: SIGKILL + re
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dskd.pipeline.config import ConfigError, load_config
 from dskd.pipeline.losses.registry import (
+    DIVERGENCES,
     METHODS,
     OPTION_SCOPES,
     SIGNALS,
@@ -413,13 +415,55 @@ def test_every_loss_option_flag_is_in_the_one_scope_table():
         if name == "teacher_target":
             continue
         value = _other_value(hints[name], flags[name])
-        for method in METHODS:
-            for sig in SIGNALS:
-                got = option_problems(method, {name: value}, sig)
-                refused = method not in scope.methods or sig not in scope.signals
-                assert bool(got) == refused, (name, method, sig, got)
-                if refused:
-                    assert name.replace("_", "-") in got[0].split()[0], got  # names the flag
+        for method, sig, div in itertools.product(METHODS, SIGNALS, DIVERGENCES):
+            values = {"divergence": div, name: value}
+            problems = option_problems(method, values, sig)
+            # this flag's problem (a non-default --divergence may have its own), named by flag
+            got = [p for p in problems if p.split()[0].removeprefix("--").removeprefix("no-")
+                   == name.replace("_", "-")]
+            refused = (method not in scope.methods or sig not in scope.signals
+                       or values["divergence"] not in scope.divergences)
+            assert bool(got) == refused, (name, method, sig, div, problems)
+
+
+@pytest.mark.parametrize("method,div,values,reader", [
+    ("sft", "fkl", {"kd_rate": 0.9}, "--method sft (read by kd, dskd,"),
+    ("sft", "fkl", {"kd_temperature": 3.0}, "--method sft (read by kd, dskd,"),
+    ("uld", "fkl", {"kd_temperature": 3.0}, "--method uld (read by kd, dskd,"),
+    ("sft", "fkl", {"divergence": "rkl"}, "--method sft (read by kd, dskd,"),
+    ("uld", "fkl", {"skew_lambda": 0.3}, "--method uld (read by kd, dskd,"),
+    ("kd", "fkl", {"skew_lambda": 0.3}, "--divergence fkl (read by --divergence skl or srkl only)"),
+    ("dskd", "akl", {"skew_lambda": 0.3}, "--divergence akl (read by --divergence skl or srkl"),
+    ("mined", "srkl", {"adaptive_kl_alpha": 0.7}, "--divergence srkl (read by --divergence akl"),
+    ("sft", "fkl", {"sparse_tail": "renorm"}, "--method sft (read by kd, mined only)"),
+])
+def test_kd_options_nothing_reads_are_refused_naming_the_readers(method, div, values, reader):
+    got = option_problems(method, {"divergence": div, **values}, "topk")
+    assert len(got) == 1 and reader in got[0] and got[0].endswith("drop it"), got
+
+
+@pytest.mark.parametrize("method,div,sig,values", [
+    ("kd", "fkl", "exact", {"kd_rate": 0.9, "kd_temperature": 1.0}),
+    ("kd", "fkl", "sampled", {"kd_temperature": 1.0}),
+    ("uld", "fkl", "exact", {"kd_rate": 0.9}),  # ULD's L1 term has a weight but no τ
+    ("mined", "rkl", "topk", {"kd_temperature": 3.0, "sparse_tail": "renorm"}),
+    ("kd", "skl", "topk", {"skew_lambda": 0.3}),
+    ("dskd-cma", "srkl", "exact", {"skew_lambda": 0.3, "kd_rate": 0.7}),
+    ("dskd-v2", "akl", "exact", {"adaptive_kl_alpha": 0.7, "kd_temperature": 1.5}),
+    ("mined", "akl", "exact", {"adaptive_kl_alpha": 0.7}),
+])
+def test_kd_options_are_accepted_where_the_loss_reads_them(method, div, sig, values):
+    assert option_problems(method, {"divergence": div, **values}, sig) == []
+
+
+def test_sft_with_kd_options_is_refused_before_any_compute(world, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        run(cfg(world, tmp_path / "r", data=str(world["train"]), method="sft",
+                kd_temperature=3.0, kd_rate=0.9))
+    msg = " ".join(str(e.value).split())
+    assert "--kd-temperature 3.0 does nothing with --method sft" in msg
+    assert "--kd-rate 0.9 does nothing with --method sft" in msg
+    assert not (tmp_path / "r").exists()
 
 
 def test_same_vocab_methods_refuse_a_cross_vocab_student(world, tmp_path):
