@@ -105,8 +105,10 @@ class ObjectLock:
     ``locks/worker-<i>-of-<W>.lock`` holding {owner, host, pid, expires}. It is created only if
     absent (a conditional PUT where the store has one), refreshed every ttl/3 while the writer
     runs, and deleted on release. A lock whose holder stopped refreshing it (expired), or whose
-    holder is a dead process on this host, is taken over with a message; a live one refuses the
-    second writer, naming it. Before a shard is committed the writer checks it still holds the
+    holder is a dead process on this host, is taken over with a message, by a PUT conditional on
+    the expired object's ETag where the store has one (S3 ``If-Match``: of several writers taking
+    over at once exactly one wins); a live one refuses the second writer, naming it. Refreshes
+    are conditional on the ETag too, so a paused writer never overwrites its successor's lock. Before a shard is committed the writer checks it still holds the
     lock (``check``), so a writer that was paused past its expiry stops instead of racing."""
 
     def __init__(self, store: Any, worker: int = 0, num_workers: int = 1,
@@ -124,14 +126,29 @@ class ObjectLock:
     def _rel(self, name: str) -> str:
         return f"{LOCKS_DIR}/{name}"
 
+    def _path(self, name: str) -> str:
+        return self.store.path(self._rel(name))
+
     def _read(self, name: str) -> dict[str, Any] | None:
-        self.store.fs.invalidate_cache(self.store.path(LOCKS_DIR))  # never a cached listing
+        return self._stat(name)[0]
+
+    def _stat(self, name: str) -> tuple[dict[str, Any] | None, str | None]:
+        """The lock object's content and its ETag (None, None when absent). The ETag is read
+        first: if the object changes in between, the content is the newer one and a write
+        conditional on the older ETag fails, which is the safe side."""
+        fs, path = self.store.fs, self._path(name)
+        fs.invalidate_cache(self.store.path(LOCKS_DIR))  # never a cached listing
+        fs.invalidate_cache(path)
         try:
-            return json.loads(self.store.fs.cat_file(self.store.path(self._rel(name))))
+            etag = fs.info(path).get("ETag")
+            body = fs.cat_file(path)
         except FileNotFoundError:
-            return None
+            return None, None
+        try:
+            info = json.loads(body)
         except ValueError:  # a torn or foreign object: treat as expired
-            return {"expires": 0}
+            info = None
+        return (info if isinstance(info, dict) else {"expires": 0}), etag
 
     def _body(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
@@ -149,22 +166,36 @@ class ObjectLock:
                     raise CacheLockedError(
                         f"{self.store.url}: a writer with a different split is running "
                         f"({_who(info)}, {name}); wait for it to finish or stop it")
-            info = self._read(self.name)
-            if info is not None:
+            for _ in range(3):  # again only if the lock vanished between reading and taking it
+                info, etag = self._stat(self.name)
+                if info is None and self._create():
+                    break
                 if _alive(info):
                     raise CacheLockedError(
                         f"{self.store.url} is already being written by {_who(info)} (lock "
                         f"{self._rel(self.name)}, refreshed until {_when(info)}); wait for it to "
                         "finish or stop it. If that process is gone, the lock expires by then, or "
                         "delete the lock object to take over at once")
-                self.say(f"taking over the stale writer lock of {_who(info)} on {self.store.url} "
-                         f"({self._rel(self.name)}: expired, or its process has exited)")
-                self.store.fs.rm_file(self.store.path(self._rel(self.name)))
-            self._create()
+                if self._take_over(etag):
+                    self.say(f"taking over the stale writer lock of {_who(info)} on "
+                             f"{self.store.url} ({self._rel(self.name)}: expired, or its process "
+                             "has exited)")
+                    break
+            else:
+                raise CacheLockedError(f"{self.store.url}: the writer lock {self._rel(self.name)} "
+                                       "keeps changing hands; is another writer starting? Retry")
+            if (self._read(self.name) or {}).get("owner") != self.owner:  # a store without
+                raise self._raced()  # conditional writes: the last writer won; we did not
         self._thread = threading.Thread(target=self._refresh, daemon=True,
                                         name="dskd-lock-refresh")
         self._thread.start()
         return self
+
+    def _raced(self) -> CacheLockedError:
+        info = self._read(self.name) or {}
+        return CacheLockedError(f"{self.store.url}: another writer ({_who(info)}) took the writer "
+                                f"lock {self._rel(self.name)} at the same moment; wait for it to "
+                                "finish or stop it")
 
     def _lock_names(self) -> list[str]:
         try:
@@ -173,20 +204,42 @@ class ObjectLock:
         except FileNotFoundError:
             return []
 
-    def _create(self) -> None:
-        path = self.store.path(self._rel(self.name))
+    def _create(self) -> bool:
+        """Create the lock object if it is absent (True); raises if another writer created it
+        first. A store without a conditional create is written unconditionally (acquire reads
+        the object back)."""
+        path = self._path(self.name)
         try:
             with self.store.fs.open(path, "xb") as f:  # S3: PUT with If-None-Match: *
                 f.write(self._body())
         except FileExistsError:
-            info = self._read(self.name) or {}
-            raise CacheLockedError(f"{self.store.url}: another writer ({_who(info)}) took the "
-                                   "lock at the same moment; wait for it to finish") from None
-        except (NotImplementedError, ValueError):  # no conditional create: write, read back
-            self.store.fs.pipe_file(path, self._body())
-        if (self._read(self.name) or {}).get("owner") != self.owner:
-            raise CacheLockedError(f"{self.store.url}: another writer took the lock at the same "
-                                   "moment; wait for it to finish")
+            raise self._raced() from None
+        except (NotImplementedError, ValueError, TypeError):  # no conditional create
+            self.store.fs.pipe_file(path, self._body())  # acquire reads it back
+        return True
+
+    def _take_over(self, etag: str | None) -> bool:
+        """Replace an expired lock object by this writer's, atomically where the store can
+        (S3: PUT with If-Match: <the expired object's ETag>, so of several writers taking over at
+        once exactly one succeeds). False if the object vanished meanwhile (take it afresh);
+        raises if another writer replaced it first."""
+        path = self._path(self.name)
+        if etag and conditional_writes(self.store.fs):
+            try:
+                self.store.fs.pipe_file(path, self._body(), IfMatch=etag)
+                return True
+            except FileNotFoundError:
+                return False
+            except OSError as e:
+                if _precondition_failed(e):
+                    raise self._raced() from None
+                raise
+        # No conditional overwrite: delete, then create if absent. Two writers that both read
+        # the expired lock can both get here; the read-back in acquire catches most such races,
+        # and the loser stops at its next shard commit (``check``) when its refresh finds the
+        # lock taken (docs/cache-format.md §7.1).
+        self.store.fs.rm_file(path)
+        return self._create()
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.ttl / 3) and self._refresh_once():
@@ -195,15 +248,28 @@ class ObjectLock:
     def _refresh_once(self) -> bool:
         """Push the expiry forward; False (and ``lost`` set) when another writer holds it now."""
         try:
-            info = self._read(self.name)
+            info, etag = self._stat(self.name)
             if info is None or info.get("owner") != self.owner:
-                self.lost = (f"{self.store.url}: this writer lost its lock "
-                             f"({self._rel(self.name)}) to {_who(info or {})}")
+                self._lose(info)
                 return False
-            self.store.fs.pipe_file(self.store.path(self._rel(self.name)), self._body())
+            path = self._path(self.name)
+            if etag and conditional_writes(self.store.fs):
+                try:  # only over our own object: never over a writer that just took over
+                    self.store.fs.pipe_file(path, self._body(), IfMatch=etag)
+                except (FileNotFoundError, OSError) as e:
+                    if isinstance(e, FileNotFoundError) or _precondition_failed(e):
+                        self._lose(self._read(self.name))
+                        return False
+                    raise
+            else:
+                self.store.fs.pipe_file(path, self._body())
         except Exception as e:  # noqa: BLE001 - a network blip: retry at the next tick
             self.say(f"could not refresh the writer lock on {self.store.url}: {e}")
         return True
+
+    def _lose(self, info: dict[str, Any] | None) -> None:
+        self.lost = (f"{self.store.url}: this writer lost its lock "
+                     f"({self._rel(self.name)}) to {_who(info or {})}")
 
     def check(self) -> None:
         """Raise if another writer has taken the lock (this one was paused past its expiry)."""
@@ -227,6 +293,21 @@ class ObjectLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def conditional_writes(fs: Any) -> bool:
+    """Whether ``fs`` makes a PUT conditional on an ETag (``If-Match``): s3fs does (AWS S3 and
+    the S3-compatible stores that implement conditional writes)."""
+    proto = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in proto
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """The store refused a conditional write: S3's 412 PreconditionFailed, or 409
+    ConditionalRequestConflict while another conditional write to the key is in flight."""
+    cause = e.__cause__ or e
+    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
 def _alive(info: dict[str, Any]) -> bool:
