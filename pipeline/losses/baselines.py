@@ -64,6 +64,7 @@ class VanillaKD(DistillLoss):
         self.divergence = canonical_divergence(divergence_name)
         self.opts = opts or DivergenceOptions(temperature=2.0)
         self.teacher_target = teacher_target
+        self.needs_teacher_tail = self.opts.sparse_tail == "bucket"  # renorm drops the tail
 
     def compute(self, student: StudentBatch, teacher: TeacherSignal | None):
         check_same_positions(student, teacher, self.method)

@@ -358,6 +358,7 @@ class MinEDLoss(DistillLoss):
 
     method = "mined"
     needs_tokenizers = True
+    needs_teacher_tail = False  # the mapped top-k target has no tail mass (_sparse_builder)
 
     def __init__(self, student_tokenizer, teacher_tokenizer, divergence_name: str = "fkl",
                  opts: DivergenceOptions | None = None, *, teacher_target: str = "auto",

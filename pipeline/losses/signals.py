@@ -170,6 +170,8 @@ class DistillLoss(nn.Module):
     needs_dense_teacher_logits: bool = False
     needs_tokenizers: bool = False
     needs_alignment: bool = False  # ETA: TeacherSignal.alignment (pipeline/token_align.py)
+    # top-k signal: the cached tail_logprob (the `renorm` tail rule and MinED never read it)
+    needs_teacher_tail: bool = True
     # compute(student, teacher, batch_denom): a loss whose official terms are not plain sums
     # (DSKDv2 means) returns them × batch_denom, so terms / batch_denom stay the official logs
     compute_needs_denom: bool = False

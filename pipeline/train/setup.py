@@ -320,7 +320,8 @@ def cache_fields(cfg: Any, loss: DistillLoss) -> list[str]:
     if cfg.teacher_signal == "exact":
         return ["hidden"]
     fields = (["sampled_ids", "sampled_counts"] if cfg.teacher_signal == "sampled"
-              else ["topk_ids", "topk_logprobs", "tail_logprob"])
+              else ["topk_ids", "topk_logprobs"]
+              + (["tail_logprob"] if loss.needs_teacher_tail else []))  # renorm: no tail
     return fields + (["hidden"] if loss.needs_teacher_hidden else [])
 
 

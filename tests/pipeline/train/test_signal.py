@@ -54,3 +54,32 @@ def test_cache_head_folds_the_logit_scale_and_falls_back_to_tied_embeddings(tiny
     h2 = cache_head(tiny_cache, m2, torch.device("cpu"))
     torch.testing.assert_close(h2.weight, 2 * h.weight)
     assert h2.embed.shape[1] == h.weight.shape[1]
+
+
+def test_a_renorm_run_does_not_read_the_cached_tail_and_its_loss_is_unchanged():
+    """The renorm tail rule drops the teacher's tail mass, so distill does not ask the cache for
+    tail_logprob (the bucket rule does); the loss equals the one computed with the tail read."""
+    from types import SimpleNamespace
+
+    from dskd.pipeline.losses.mined import MinEDLoss
+    from dskd.pipeline.train.setup import cache_fields
+
+    t, head = _batch()
+    t.update(topk_from_hidden(t["teacher_hidden"], t["teacher_labels"], head, 4))
+    zs = torch.randn(2, 5, 11)
+    student = StudentBatch(labels=t["teacher_labels"], logits=zs)
+    fields = {}
+    for tail in ("bucket", "renorm"):
+        cfg = SimpleNamespace(method="kd", teacher_signal="topk", sparse_tail=tail)
+        fields[tail] = cache_fields(cfg, build_loss("kd", "fkl", sparse_tail=tail))
+    assert fields["bucket"] == ["topk_ids", "topk_logprobs", "tail_logprob"]
+    assert fields["renorm"] == ["topk_ids", "topk_logprobs"]
+    assert not MinEDLoss.needs_teacher_tail  # its mapped top-k target has no tail either
+
+    loss = build_loss("kd", "fkl", sparse_tail="renorm")
+    read = {k: v for k, v in t.items() if k != "teacher_tail_logprob"}  # what the loader gives
+    with_tail = build_signal(t, head, mode="topk", needs_hidden=False, needs_embed=False)
+    without = build_signal(read, head, mode="topk", needs_hidden=False, needs_embed=False)
+    assert with_tail.tail_logprob is not None and without.tail_logprob is None
+    a, b = loss(student, with_tail, 3.0), loss(student, without, 3.0)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.terms["kd_loss"], b.terms["kd_loss"])
