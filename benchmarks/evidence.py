@@ -281,12 +281,8 @@ KEPT_SECTIONS = ("## The SFT-only sweep", "## Reading", "## Storage–accuracy c
 def kept_sections(old: str, new: str) -> str:
     """The `## ` sections of `old` whose heading starts with one of KEPT_SECTIONS and that
     `new` does not have."""
-    out = []
-    for part in ("\n" + old).split("\n## ")[1:]:
-        heading = "## " + part.splitlines()[0]
-        if heading.startswith(KEPT_SECTIONS) and heading not in new:
-            out.append("## " + part.rstrip("\n") + "\n")
-    return "\n".join(out)
+    return "\n".join(s.rstrip("\n") + "\n" for s in grid.doc_sections(old)
+                     if s.startswith(KEPT_SECTIONS) and s.split("\n", 1)[0] not in new)
 
 
 def render_doc(results: list[dict], figure_dir: str = "results",

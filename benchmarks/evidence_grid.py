@@ -208,6 +208,24 @@ def check_run_args(ap: Any, a: Any) -> None:
         ap.error("--seeds must be ≥ 2: a paired interval needs two seeds")
 
 
+def doc_sections(text: str) -> list[str]:
+    """The `## ` sections of a markdown doc, each from its heading line up to the next one."""
+    return ["## " + p for p in ("\n" + text).split("\n## ")[1:]]
+
+
+def put_section(text: str, section: str) -> str:
+    """`text` with its `## ` section of `section`'s heading replaced by `section` (the first
+    one, in place), else with `section` appended; the rest of `text` is kept as it is. The one
+    way the studies' generated pages keep or replace sections (evidence.py, storage_curve.py)."""
+    parts = ("\n" + text).split("\n## ")
+    heading = section.split("\n", 1)[0]
+    for i, p in enumerate(parts[1:], 1):
+        if "## " + p.split("\n", 1)[0] == heading:
+            parts[i] = section.removeprefix("## ").rstrip("\n") + "\n"
+            return "\n## ".join(parts)[1:]
+    return text.rstrip("\n") + ("\n\n" if text else "") + section
+
+
 def run_grid(evidence: Path, arms: Sequence[Arm], seeds: Sequence[int], out: Path,
              workers: int = 2, threads: int = 1, reuse: bool = True,
              train: bool = True) -> list[dict[str, Any]]:

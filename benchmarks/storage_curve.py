@@ -396,17 +396,10 @@ def doc_section(summary: dict[str, Any], command: str, figure: str) -> str:
                       textwrap.fill(plain_reading(summary), 100)]) + "\n"
 
 
-def write_section(doc: Path, section: str, heading: str = "## Storage–accuracy curve") -> None:
-    """Replace `heading`'s section of `doc` (up to the next `## `) or append it at the end."""
+def write_section(doc: Path, section: str) -> None:
+    """Replace the section of `doc` that has `section`'s `## ` heading, or append it at the end."""
     text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
-    start = text.find(heading + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    else:
-        nxt = text.find("\n## ", start + len(heading))
-        rest = text[nxt + 1:] if nxt >= 0 else ""
-        text = text[:start] + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    doc.write_text(text, encoding="utf-8")
+    doc.write_text(_grid().put_section(text, section), encoding="utf-8")
 
 
 def main() -> None:

@@ -118,3 +118,15 @@ def test_collect_returns_only_finished_runs(grid, evidence, tmp_path):
     # kd-s1 from the evidence run, kd-a0.9-s2 the grid's own; nothing else trained
     assert [r["run"] for r in recs] == ["kd-s1", "kd-a0.9-s2"]
     assert not (out / "runs" / "kd-a0.9-s1").exists() and not (out / "runs" / "kd-s2").exists()
+
+
+def test_put_section_replaces_one_section_in_place_or_appends_it(grid):
+    """The one helper evidence.py (kept_sections) and storage_curve.py (write_section) keep or
+    replace a generated page's `## ` sections with."""
+    doc = "# R\n\ntop\n\n## A\n\nold a\n\n### A\n\nsub\n\n## B\n\nb\n"
+    assert grid.doc_sections(doc) == ["## A\n\nold a\n\n### A\n\nsub\n", "## B\n\nb\n"]
+    assert grid.put_section(doc, "## A\n\nnew a\n\n\n") == "# R\n\ntop\n\n## A\n\nnew a\n\n## B\n\nb\n"
+    assert grid.put_section(doc, "## B\nnew b\n") == "# R\n\ntop\n\n## A\n\nold a\n\n### A\n\nsub\n\n## B\nnew b\n"
+    assert grid.put_section(doc + "\n\n", "## C\n\nc\n") == doc + "\n## C\n\nc\n"
+    assert grid.put_section("", "## C\n") == "## C\n"
+    assert grid.put_section("## Ab\n\nx\n", "## A\n") == "## Ab\n\nx\n\n## A\n"  # whole headings
