@@ -347,23 +347,10 @@ def hf_chat_template(tokenizer: Any) -> Callable[[list[dict[str, str]]], str]:
     return render
 
 
-def load_examples(
-    path: str | Path,
-    *,
-    field_map: dict[str, str] | str | None = None,
-    template: Template = "dskd",
-    on_bad_row: OnBadRow = "error",
-    tokenizer: Any = None,
-    limit: int | None = None,
-    bad_rows: BadRows | None = None,
-) -> list[Example]:
-    """Load, validate and render a dataset. Bad rows raise or are recorded in ``bad_rows``.
-
-    ``tokenizer`` is only needed for ``template="chat"``. Pass your own ``bad_rows`` to get the
-    skipped rows back (``bad_rows.write_report(out_dir)``).
-    """
-    return list(iter_examples(path, field_map=field_map, template=template, on_bad_row=on_bad_row,
-                              tokenizer=tokenizer, limit=limit, bad_rows=bad_rows))
+def load_examples(path: str | Path, **options: Any) -> list[Example]:
+    """Load, validate and render a dataset: ``iter_examples(path, **options)`` as a list (the
+    options are its keywords, described there)."""
+    return list(iter_examples(path, **options))
 
 
 def iter_examples(
@@ -376,9 +363,14 @@ def iter_examples(
     limit: int | None = None,
     bad_rows: BadRows | None = None,
 ) -> Iterator[Example]:
-    """``load_examples``, one example at a time: the file is read as the examples are taken, so a
-    pass over a dataset of any size holds one row (plus one id per distinct example, to number
-    duplicates). Bad rows are handled when reached; the empty-dataset errors come at the end."""
+    """Load, validate and render a dataset, one example at a time (``load_examples``: all at once).
+
+    The file is read as the examples are taken, so a pass over a dataset of any size holds one
+    row (plus one id per distinct example, to number duplicates). Bad rows raise or are recorded
+    in ``bad_rows`` when reached; the empty-dataset errors come at the end. ``tokenizer`` is only
+    needed for ``template="chat"``. Pass your own ``bad_rows`` to get the skipped rows back
+    (``bad_rows.write_report(out_dir)``).
+    """
     bad = bad_rows or BadRows(str(path), on_bad_row)
     fmap = parse_field_map(field_map) if isinstance(field_map, str) else field_map
     chat = hf_chat_template(tokenizer) if template == "chat" else None

@@ -11,6 +11,7 @@ from dskd.pipeline.data import (
     BadRows,
     DataError,
     detect_schema,
+    iter_examples,
     load_examples,
     parse_field_map,
 )
@@ -153,6 +154,18 @@ def test_bad_row_skip_reports_every_bad_row(tmp_path):
         assert reason in s["reason"]
     report = bad.write_report(tmp_path / "out")
     assert [json.loads(x)["row"] for x in report.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+
+
+def test_load_examples_is_iter_examples_as_a_list(tmp_path):
+    """One signature: load_examples passes its options to iter_examples (an unknown one is a
+    TypeError at the call, as before)."""
+    p = _write_bad(tmp_path)
+    a, b = BadRows(str(p), "skip"), BadRows(str(p), "skip")
+    assert load_examples(p, template="none", limit=3, bad_rows=a) == list(
+        iter_examples(p, template="none", limit=3, bad_rows=b))
+    assert a.skipped == b.skipped
+    with pytest.raises(TypeError, match="templat"):
+        load_examples(p, templat="none")
 
 
 def test_empty_file_and_missing_file(tmp_path):
