@@ -46,6 +46,7 @@ from dskd.pipeline.train.logger import stage_progress
 from . import report as report_mod
 
 console = Console(stderr=True)
+FILE_WIDTH = 10_000  # columns of the summary outside a terminal (_print_unwrapped): never wraps
 GENERATIONS_FILE = "generations.jsonl"
 PARTS_DIR = ".parts"  # one finished (model, eval set, seed) per file; reused on rerun
 
@@ -497,7 +498,7 @@ def score_without_generation(cfg: EvalConfig, out: Path, models: dict[str, Path]
     atomic_write_text(out / report_mod.RESULTS_FILE, json.dumps(results, indent=2) + "\n")
     report_mod.write_report(results, out)
     if heldout and cfg.data:
-        console.print(report_mod.heldout_table(heldout))
+        _print_unwrapped(report_mod.heldout_table(heldout))
     return out / report_mod.RESULTS_FILE
 
 
@@ -660,7 +661,7 @@ def _print_summary(scores: dict, names: list[str], truth_scores: dict | None = N
             for sname, row in per_set.items():
                 t.add_row(m if len(sets) == 1 else f"{m} · {sname}",
                           *report_mod.truth_cells(row))
-        console.print(t)
+        _print_unwrapped(t)
     table, columns = report_mod.score_table(scores, "rougeL")
     t = Table(title="ROUGE-L (mean ± std over seeds)")
     t.add_column("model")
@@ -668,5 +669,17 @@ def _print_summary(scores: dict, names: list[str], truth_scores: dict | None = N
         t.add_column(c, justify="right")
     for m, row in table.items():
         t.add_row(m, *[report_mod._fmt(row.get(c)) for c in columns])
-    console.print(t)
-    console.print(report_mod.ROUGE_NOTE, highlight=False)
+    _print_unwrapped(t)
+    _print_unwrapped(report_mod.ROUGE_NOTE, highlight=False)
+
+
+def _print_unwrapped(renderable: Any, **kw: Any) -> None:
+    """console.print, except into a file or pipe (stderr redirected): there Rich would lay the
+    output out at 80 columns, cutting table cells to "…" and wrapping lines, so it is printed at
+    its own full width instead. A terminal gets its own width (it may wrap)."""
+    if console.is_terminal:
+        console.print(renderable, **kw)
+        return
+    wide = Console(stderr=True, width=FILE_WIDTH, no_color=console.no_color)
+    wide.print(renderable, **kw)
+

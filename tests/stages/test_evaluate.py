@@ -327,6 +327,22 @@ def test_printed_summary_shows_exact_metrics_first(capsys):
     assert "0.7500" in err and "sampling noise" in err
 
 
+def test_printed_summary_is_not_wrapped_in_a_file(capsys):
+    """stderr into a file (capsys: not a terminal): every table row and the ROUGE-L note stay on
+    one line at their full width, instead of Rich's 80 columns cutting cells to "…"."""
+    long = "xvocab-dskd-cma-projector-pinv-lr1e-4-seed-3"
+    res = _synthetic_results(True)
+    res["scores"][long] = res["scores"]["kd"]
+    res["truth"][long] = res["truth"]["kd"]
+    ev._print_summary(res["scores"], ["test"], res["truth"])
+    lines = capsys.readouterr().err.splitlines()
+    rows = [ln for ln in lines if long in ln]
+    assert len(rows) == 2 and "…" not in "".join(lines)
+    assert "0.7500" in rows[0] and "50.0" in rows[0] and "20.00 ± 1.00" in rows[1]
+    assert max(len(ln) for ln in lines) > 100  # wider than any terminal default
+    assert any(rep.ROUGE_NOTE in ln for ln in lines)
+
+
 def test_a_run_dir_gives_its_best_checkpoint_and_lora_adapters_are_evaluable(toy_world, tmp_path,
                                                                             capsys):
     """`--model RUN_DIR` takes the checkpoint the run selected (best.json) and says so, else
