@@ -188,14 +188,14 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
                 store.pull(for_write=True)
                 if cfg.overwrite:
                     store.wipe()
-            manifest = resumable_manifest(out, fps, cfg.overwrite)
+            manifest = resumable_manifest(out, fps, cfg.overwrite, cfg.out)
             if store and manifest is None:  # no manifest: nothing is committed, all is leftover
                 store.remove(spec.COMMITS_DIR, spec.SHARDS_DIR)
         barrier()
         if env.rank != 0:
             if store:
                 store.pull(for_write=True)
-            manifest = resumable_manifest(out, fps, overwrite=False)
+            manifest = resumable_manifest(out, fps, overwrite=False, shown=cfg.out)
         if manifest is not None and manifest["complete"]:
             console.print(f"[green]cache {cfg.out} is already complete[/]; nothing to do")
             return manifest, RunStats()

@@ -75,27 +75,31 @@ def new_manifest(fingerprints: dict[str, Any], teacher: dict[str, Any], layout: 
 
 def load_manifest(cache_dir: str | Path) -> dict[str, Any]:
     """The manifest of the cache at ``cache_dir`` (a dir, or a store URL: pulled into its view)."""
-    from .remote import open_cache_location  # remote builds on this module
+    from .remote import open_cache_location, store_of  # remote builds on this module
 
     path = open_cache_location(cache_dir) / MANIFEST
+    store = store_of(path.parent)  # a store's view: messages name the URL, not the view
+    shown = f"{store.url}/{MANIFEST}" if store else str(path)
+    cache_dir = store.url if store else cache_dir
     if not path.is_file():
         raise CacheError(f"{cache_dir}: no {MANIFEST}; this is not a dskd teacher cache "
-                         "(or its first shard was never started). Run `dskd cache-teacher` on it.")
+                         "(or its first shard was never started, or a cache-teacher --overwrite was cut short). "
+                         "Run `dskd cache-teacher` on it.")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{path}: damaged, not valid JSON ({e}); rebuild with cache-teacher "
+        raise CacheError(f"{shown}: damaged, not valid JSON ({e}); rebuild with cache-teacher "
                          "--overwrite (the shards cannot be trusted without it)") from None
     if not isinstance(m, dict):
-        raise CacheError(f"{path}: damaged (not a JSON object); rebuild with cache-teacher --overwrite")
+        raise CacheError(f"{shown}: damaged (not a JSON object); rebuild with cache-teacher --overwrite")
     stored = m.pop(SELF_CHECKSUM, None)
     if stored is not None and stored != _manifest_checksum(m):
-        raise CacheError(f"{path}: damaged (its checksum does not match its content: a changed "
+        raise CacheError(f"{shown}: damaged (its checksum does not match its content: a changed "
                          "byte); rebuild with cache-teacher --overwrite")
     if m.get("format") != FORMAT_NAME:
-        raise CacheError(f"{path}: format {m.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise CacheError(f"{shown}: format {m.get('format')!r}, expected {FORMAT_NAME!r}")
     if m.get("format_version") not in READ_VERSIONS:
-        raise CacheError(f"{path}: format version {m.get('format_version')!r}; this dskd reads "
+        raise CacheError(f"{shown}: format version {m.get('format_version')!r}; this dskd reads "
                          f"versions {', '.join(map(str, READ_VERSIONS))}. Read it with the dskd "
                          "version that wrote it, or rebuild the cache with this one.")
     return m

@@ -276,6 +276,7 @@ class Store:
             self.fs.invalidate_cache(self.root)
             if self.fs.exists(self.path(MANIFEST)):
                 self.fs.rm_file(self.path(MANIFEST))
+            failpoint("store.wipe.manifest_deleted")  # no cache any more; its objects remain
             for name in self._listing(self.root):
                 if name not in (LOCKS_DIR,) and not name.startswith("."):
                     self.fs.rm(self.path(name), recursive=True)

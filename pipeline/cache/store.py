@@ -44,9 +44,10 @@ class CacheMismatchError(CacheError):
 
 
 def resumable_manifest(cache_dir: str | Path, fingerprints: dict[str, Any],
-                       overwrite: bool) -> dict[str, Any] | None:
+                       overwrite: bool, shown: str | None = None) -> dict[str, Any] | None:
     """The existing manifest if this run may continue it; None if the cache must be started
-    (the dir is empty or new, or ``overwrite`` cleared it). Raises on a mismatch."""
+    (the dir is empty or new, or ``overwrite`` cleared it). Raises on a mismatch. ``shown``: the
+    cache as the user gave it, for messages (a store URL, whose local view ``cache_dir`` is)."""
     d = Path(cache_dir)
     if not d.exists():
         return None
@@ -69,7 +70,7 @@ def resumable_manifest(cache_dir: str | Path, fingerprints: dict[str, Any],
     diff = fingerprint_diff(m["fingerprints"], fingerprints)
     if diff:
         raise CacheMismatchError(
-            f"{d} holds a cache made with a different configuration; differing fingerprint "
+            f"{shown or d} holds a cache made with a different configuration; differing fingerprint "
             f"field(s): {'; '.join(diff)}. Rerun with --overwrite to start over, or choose "
             "another --out")
     return m
