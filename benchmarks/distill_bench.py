@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -153,20 +154,23 @@ def distill(name: str, work: Path, warmup: int, **cfg) -> dict:
     tps = sorted(r["tokens_per_s"] for r in rows[warmup:])
     stats.update(name=name, steps=len(rows), tokens_per_s=tps[len(tps) // 2],
                  tokens_per_s_mean=sum(tps) / len(tps), final_loss=rows[-1]["loss"])
+    if all("data_wait" in r for r in rows[warmup:]):  # share of wall time the loop waited
+        stats["data_wait"] = sum(r["data_wait"] for r in rows[warmup:]) / len(rows[warmup:])
     log(f"{name}: {stats['tokens_per_s']:,.0f} tok/s (median of {len(tps)} steps), "
         f"peak PSS {stats['pss_total_mb']:.0f} MB (main {stats['pss_main_mb']:.0f} MB)")
     return stats
 
 
-def loader_only(cache: Path, student: Path, batch_size: int, workers: int, steps: int,
-                fields: list[str]) -> float:
-    """Tokens/s of the training stream alone (cache read + student tokenization + collate)."""
+def loader_only(cache: Path | str, student: Path, batch_size: int, workers: int, steps: int,
+                fields: list[str], **source: Any) -> float:
+    """Tokens/s of the training stream alone (cache read + student tokenization + collate);
+    ``source``: CacheSource options (e.g. read_ahead)."""
     from dskd.pipeline.train.loader import BatchStream, PlanConfig
     from dskd.pipeline.train.models import load_tokenizer
     from dskd.pipeline.train.sources import BatchBuilder, CacheSource
 
     tok, _ = load_tokenizer(student)
-    src = CacheSource(cache, fields)
+    src = CacheSource(cache, fields, **source)
     build = BatchBuilder(tok, 256, 512, teacher_fields=tuple(fields))
     stream = BatchStream(src, PlanConfig(batch_size=batch_size, seed=0), 0, build,
                          num_workers=workers)

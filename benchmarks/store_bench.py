@@ -8,14 +8,17 @@ S3-compatible server (moto's `moto_server`, its own process, on 127.0.0.1). Side
 run, on the same cache bytes:
 
 1. loader tokens/s (shard reads + student tokenization + collate, 2 DataLoader workers, no
-   training) from disk and from the store;
-2. `dskd distill` tokens/s (DSKD from the cache, own process each, 1 torch thread) from disk and
-   from the store.
+   training) from disk, from the store without read-ahead, and from the store with it;
+2. `dskd distill` tokens/s (DSKD from the cache, own process each, 1 torch thread) in the same
+   three settings, with the share of the loop's wall time spent waiting for a batch
+   (metrics.jsonl `data_wait`).
 
-Headroom = loader tokens/s from the store ÷ distill tokens/s: above 1, the loader keeps ahead of
-training and a step does not wait on the store. moto on localhost has no WAN latency; the
-reader's read-ahead (DSKD_READ_AHEAD chunks per array in background threads) plus the
-DataLoader's prefetched batches are what hide a real store's latency. Results: docs/benchmarks.md.
+Headroom = loader tokens/s ÷ distill tokens/s from disk: above 1, the loader keeps ahead of
+training and a step does not wait on the store. moto on localhost has no WAN latency; what hides
+a real store's latency is the loader's read-ahead (each DataLoader worker names its next
+DSKD_READ_AHEAD_BATCHES micro-batches to background threads, which open their shards in two
+concurrent request rounds and read their blocks) plus the DataLoader's prefetched batches.
+Results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_bench import THREADS, big_teacher, distill, loader_only, log, make_cache
 
 from dskd.pipeline.toyworld import build_toy_world
+from dskd.pipeline.train.sources import READ_AHEAD_BATCHES
 
 
 def start_moto(work: Path) -> tuple[subprocess.Popen, str]:
@@ -94,20 +98,24 @@ def main() -> None:
         log(f"uploaded {r['cache_mb']:.1f} MB in {r['upload_s']:.1f}s")
 
         torch.set_num_threads(int(THREADS))
-        for where, loc in (("disk", str(cache)), ("store", url)):
+        r["read_ahead"] = READ_AHEAD_BATCHES
+        runs = (("disk", str(cache), {}), ("store_no_read_ahead", url, {"read_ahead": 0}),
+                ("store", url, {}))
+        for where, loc, opts in runs:
             r[f"loader_{where}"] = loader_only(loc, student, bs, args.workers, steps * 3,
-                                               ["hidden"])
+                                               ["hidden"], **opts)
             log(f"loader from {where}: {r[f'loader_{where}']:,.0f} tok/s")
         common = {"student": str(student), "batch_size": bs, "max_steps": steps,
                   "num_workers": args.workers, "seed": 0, "method": "dskd"}
-        for where, loc in (("disk", str(cache)), ("store", url)):
+        for where, loc, opts in runs:
+            os.environ["DSKD_READ_AHEAD_BATCHES"] = str(opts.get("read_ahead", READ_AHEAD_BATCHES))
             r[f"distill_{where}"] = distill(f"distill_{where}", work, warmup, cache=loc, **common)
+        os.environ.pop("DSKD_READ_AHEAD_BATCHES")
         train = r["distill_disk"]["tokens_per_s"]
-        r["headroom_disk"] = r["loader_disk"] / train
-        r["headroom_store"] = r["loader_store"] / train
+        for where, _, _ in runs:
+            r[f"headroom_{where}"] = r[f"loader_{where}"] / train
         r["distill_store_vs_disk"] = r["distill_store"]["tokens_per_s"] / train
-        same = r["distill_store"]["final_loss"] == r["distill_disk"]["final_loss"]
-        r["same_final_loss"] = same
+        r["same_final_loss"] = len({r[f"distill_{w}"]["final_loss"] for w, _, _ in runs}) == 1
     finally:
         proc.kill()
         proc.wait()
@@ -116,20 +124,29 @@ def main() -> None:
 
 
 def report(r: dict) -> str:
-    d, s = r["distill_disk"], r["distill_store"]
+    cols = ("disk", "store_no_read_ahead", "store")
+
+    def row(label: str, fmt) -> str:
+        return f"| {label} | " + " | ".join(fmt(c) for c in cols) + " |"
+
+    def wait(c: str) -> str:
+        w = r[f"distill_{c}"].get("data_wait")
+        return "n/a" if w is None else f"{100 * w:.1f}%"
     return "\n".join([
         (f"cache {r['cache_mb']:.1f} MB in {r['n_shards']} shards; batch {r['batch_size']}, "
         f"{r['steps']} steps, {r['workers']} DataLoader workers, {r['torch_threads']} torch thread(s)"),
         "",
-        "| | from disk | from the store (moto S3) |",
-        "|---|---|---|",
-        f"| loader alone, tokens/s | {r['loader_disk']:,.0f} | {r['loader_store']:,.0f} |",
-        f"| `dskd distill` (DSKD), tokens/s | {d['tokens_per_s']:,.0f} | {s['tokens_per_s']:,.0f} |",
-        (f"| loader headroom (loader ÷ distill from disk) | {r['headroom_disk']:.1f}× | "
-        f"{r['headroom_store']:.1f}× |"),
+        ("| | from disk | from the store (moto S3), no read-ahead | from the store, read-ahead "
+         f"{r['read_ahead']} micro-batches |"),
+        "|---|---:|---:|---:|",
+        row("loader alone, tokens/s", lambda c: f"{r[f'loader_{c}']:,.0f}"),
+        row("loader headroom (loader ÷ distill from disk)", lambda c: f"{r[f'headroom_{c}']:.1f}×"),
+        row("`dskd distill` (DSKD), tokens/s",
+            lambda c: f"{r[f'distill_{c}']['tokens_per_s']:,.0f}"),
+        row("share of the training loop's time spent waiting for a batch", wait),
         "",
-        (f"distill from the store ÷ from disk: {r['distill_store_vs_disk']:.2f}; "
-        f"same final loss: {r['same_final_loss']}"),
+        (f"distill from the store (read-ahead) ÷ from disk: {r['distill_store_vs_disk']:.2f}; "
+         f"same final loss in all three: {r['same_final_loss']}"),
     ])
 
 

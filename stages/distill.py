@@ -336,7 +336,7 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
     batches = stream.steps()
     # held for the whole loop, closed after it
     trace = open(out / f"examples.rank{env.rank}.jsonl", "a") if cfg.trace_examples else None  # noqa: SIM115
-    tokens_seen, t_last = 0, time.perf_counter()
+    tokens_seen, data_wait, t_last = 0, 0.0, time.perf_counter()
     progress = train_progress(env.is_main)
     task = progress.add_task("distill", total=total_steps, completed=step, loss=float("nan"), tps=0)
     with progress:
@@ -359,7 +359,9 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
                 break
 
             # forward / backward over the step's micro-batches (gradient accumulation)
+            t_wait = time.perf_counter()
             epoch, group = next(batches)
+            data_wait += time.perf_counter() - t_wait  # the loop idle, waiting for the loader
             if trace is not None:
                 trace.write(json.dumps({"step": step + 1, "epoch": epoch, "ids": [
                     i for mb in group if not mb.padding for i in mb.example_ids]}) + "\n")
@@ -398,10 +400,13 @@ def train(cfg: DistillConfig, env: dist.DistEnv, held: list[int] | None = None) 
                 row["loss"] = row.pop("loss_sum")
                 row.update(epoch=epoch, lr=lr, projector_lr=optimizer.param_groups[1]["lr"],
                            grad_norm=red[-1].item() / env.world_size,  # the same on every rank
-                           tokens_per_s=tps, label_tokens=n_label)
+                           tokens_per_s=tps, label_tokens=n_label,
+                           # share of this rank's wall time spent waiting for batches: near 0
+                           # when the loader keeps ahead (validation time counts as not waiting)
+                           data_wait=data_wait / max(now - t_last, 1e-9))
                 logger.log(step, row)
                 progress.update(task, completed=step, loss=row["loss"], tps=tps)
-                tokens_seen, t_last = 0, now
+                tokens_seen, data_wait, t_last = 0, 0.0, now
             else:
                 progress.update(task, completed=step)
 

@@ -7,6 +7,7 @@ when a layout does not allow it), sliced a block of examples at a time.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -89,22 +90,47 @@ def open_array(path: Path, use_mmap: bool = True) -> np.ndarray | zarr.Array:
     return zarr.open_array(str(path), mode="r", zarr_format=3)
 
 
-def open_remote_array(store: Store, rel: str, files: dict[str, Any]) -> Any:
-    """The same for an array in object storage: rows streamed by ranged reads with read-ahead
-    (RemoteRows) when the layout is the writer's, else through zarr's own FsspecStore."""
-    meta = json.loads(store.cat(f"{rel}/zarr.json"))
-    plain = _plain_layout(meta)
-    if plain is not None:
+def open_remote_shard(store: Store, rel: str, names: Sequence[str], files: dict[str, Any],
+                      whole: Collection[str] = ()) -> tuple[bytes, dict[str, Any]]:
+    """(examples.arrow bytes, arrays) of a shard in object storage, opened in two concurrent
+    rounds of requests (the Arrow file and every ``zarr.json``; then every shard index) instead
+    of two sequential requests per array. Rows of an array in the writer's layout stream by
+    ranged reads with read-ahead (RemoteRows); arrays in ``whole`` (small: token offsets) come
+    back as numpy arrays, fetched whole in the second round; any other layout opens through
+    zarr's own FsspecStore."""
+    table, *metas = store.cat_many([f"{rel}/{EXAMPLES_FILE}",
+                                    *(f"{rel}/{n}/zarr.json" for n in names)])
+    out: dict[str, Any] = {}
+    todo: list[tuple[str, str, np.dtype, tuple[int, ...], int, int, int]] = []
+    for name, raw in zip(names, metas):
+        plain = _plain_layout(json.loads(raw))
+        if plain is None:
+            continue
         dtype, shape, rows = plain
         if shape[0] == 0:
-            return np.zeros(shape, dtype)
-        data = f"{rel}/c/" + "/".join("0" * len(shape))
-        shard_rel = data.split("/", 2)[2]  # relative to the shard dir, as the record lists it
-        size = (files.get(shard_rel) or {}).get("bytes", -1)
-        if _index_is_plain(size, dtype, shape, rows,
-                           lambda start, end: store.fs.cat_file(store.path(data), start=start, end=end)):
-            return RemoteRows(store, data, dtype, shape, rows)
-    return zarr.open_array(store=store.zarr_store(rel), mode="r", zarr_format=3)
+            out[name] = np.zeros(shape, dtype)
+            continue
+        data = f"{name}/c/" + "/".join("0" * len(shape))  # relative to the shard dir
+        size = (files.get(data) or {}).get("bytes", -1)
+        span = _index_span(size, dtype, shape, rows)
+        if span is not None:
+            start = 0 if name in whole else span[0]
+            todo.append((name, f"{rel}/{data}", dtype, shape, rows, start, span[1]))
+    got = store.cat_ranges([t[1] for t in todo], [t[5] for t in todo], [t[6] for t in todo])
+    for (name, data, dtype, shape, rows, start, end), buf in zip(todo, got):
+        index_bytes = _index_bytes(shape, rows)
+        if not _plain_index(buf[-(index_bytes - 4):], dtype, shape, rows):
+            continue
+        if name in whole:
+            n = int(np.prod(shape, dtype=np.int64))
+            out[name] = np.frombuffer(buf, dtype, count=n).reshape(shape)
+        else:
+            out[name] = RemoteRows(store, data, dtype, shape, rows)
+    for name in names:
+        if name not in out:
+            out[name] = zarr.open_array(store=store.zarr_store(f"{rel}/{name}"), mode="r",
+                                        zarr_format=3)
+    return table, out
 
 
 def _plain_layout(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], int] | None:
@@ -126,19 +152,40 @@ def _plain_layout(meta: dict[str, Any]) -> tuple[np.dtype, tuple[int, ...], int]
     return np.dtype(meta["data_type"]).newbyteorder("<"), shape, conf["chunk_shape"][0]
 
 
-def _index_is_plain(size: int, dtype: np.dtype, shape: tuple[int, ...], rows: int,
-                    read: Any) -> bool:
-    """The shard file holds its inner chunks in order, full size, at offset 0 (so row r sits at
-    r * row_bytes); ``read(start, end)`` reads bytes of it."""
+def _index_bytes(shape: tuple[int, ...], rows: int) -> int:
+    """Bytes of a Zarr shard index at the file's end: (offset, nbytes) uint64 pairs + crc32c."""
+    return -(-shape[0] // rows) * 16 + 4
+
+
+def _index_span(size: int, dtype: np.dtype, shape: tuple[int, ...], rows: int
+                ) -> tuple[int, int] | None:
+    """Where the index (without its checksum) sits in a shard file of ``size`` bytes holding
+    full inner chunks in order; None when the size says the file is laid out otherwise."""
     row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
     n_chunks = -(-shape[0] // rows)
-    index_bytes = n_chunks * 16 + 4  # (offset, nbytes) uint64 pairs + crc32c
+    index_bytes = _index_bytes(shape, rows)
     if size != n_chunks * rows * row_bytes + index_bytes:
-        return False
-    index = np.frombuffer(read(size - index_bytes, size - 4), "<u8").reshape(n_chunks, 2)
+        return None
+    return size - index_bytes, size - 4
+
+
+def _plain_index(raw: bytes, dtype: np.dtype, shape: tuple[int, ...], rows: int) -> bool:
+    """The index lists the inner chunks in order, full size, from offset 0 (so row r sits at
+    r * row_bytes)."""
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    n_chunks = -(-shape[0] // rows)
+    index = np.frombuffer(raw, "<u8").reshape(n_chunks, 2)
     chunk = rows * row_bytes
     return bool(np.array_equal(index[:, 0], np.arange(n_chunks, dtype=np.uint64) * chunk)
                 and (index[:, 1] == chunk).all())
+
+
+def _index_is_plain(size: int, dtype: np.dtype, shape: tuple[int, ...], rows: int,
+                    read: Any) -> bool:
+    """The shard file holds its inner chunks in order, full size, at offset 0; ``read(start,
+    end)`` reads bytes of it."""
+    span = _index_span(size, dtype, shape, rows)
+    return span is not None and _plain_index(read(*span), dtype, shape, rows)
 
 
 def _read_range(f: Path, start: int, end: int) -> bytes:
@@ -160,11 +207,6 @@ class _Shard:
             self.table = pa.ipc.open_file(pa.memory_map(str(path / EXAMPLES_FILE), "r")).read_all()
             def opener(name: str) -> Any:
                 return open_array(path / name, use_mmap)
-        else:  # text and ids are small next to the per-token arrays: fetched whole
-            rel = f"{SHARDS_DIR}/{record['name']}"
-            self.table = pa.ipc.open_file(pa.py_buffer(store.cat(f"{rel}/{EXAMPLES_FILE}"))).read_all()
-            def opener(name: str) -> Any:
-                return open_remote_array(store, f"{rel}/{name}", record.get("files") or {})
         names = set(fields) | ({"hidden_scale"} if "hidden" in fields and hidden_dtype == "fp8"
                                else set())
         companions = {"topk_ids": "topk_ids_hi", "topk_logprobs": "topk_logprob_bounds"}
@@ -172,14 +214,22 @@ class _Shard:
         self.sampled = bool({"sampled_ids", "sampled_counts"} & set(fields))
         if self.sampled:  # ragged: a row's entries start at the running sum of sampled_n
             names |= {"sampled_n", "sampled_ids", "sampled_counts"}
-        self.arrays = {n: opener(n) for n in sorted(names)}
+        if store is None:
+            self.arrays = {n: opener(n) for n in sorted(names)}
+            self.token_offsets = np.asarray(opener(TOKEN_OFFSETS)[:])
+        else:  # two concurrent request rounds; text and ids (small) are fetched whole
+            rel = f"{SHARDS_DIR}/{record['name']}"
+            table, self.arrays = open_remote_shard(store, rel, [*sorted(names), TOKEN_OFFSETS],
+                                                   record.get("files") or {},
+                                                   whole=(TOKEN_OFFSETS, "sampled_n"))
+            self.table = pa.ipc.open_file(pa.py_buffer(table)).read_all()
+            self.token_offsets = np.asarray(self.arrays.pop(TOKEN_OFFSETS)[:])
         # bytes of one token row over the arrays read (for the reader's byte count; the ragged
         # sampled entries are not counted)
         self.row_bytes = sum(a.dtype.itemsize * int(np.prod(a.shape[1:], dtype=np.int64))
                              for n, a in self.arrays.items()
                              if n not in ("sampled_ids", "sampled_counts"))
         self.mapped = all(isinstance(a, np.memmap) or a.shape[0] == 0 for a in self.arrays.values())
-        self.token_offsets = np.asarray(opener(TOKEN_OFFSETS)[:])
         if self.sampled:
             n = np.asarray(self.arrays["sampled_n"][:], dtype=np.int64)
             self.sampled_start = np.concatenate([[0], np.cumsum(n)])
@@ -287,6 +337,8 @@ class CacheReader:
         self.shards = [records[i] for i in sorted(records)]
         self._by_index = {s["index"]: s for s in self.shards}
         self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._lock = threading.Lock()
+        self._opening: dict[int, threading.Lock] = {}
         self._max_open = max_open_shards
         self._use_mmap = use_mmap
         self._id_index: dict[str, tuple[int, int]] | None = None
@@ -386,20 +438,31 @@ class CacheReader:
         return min(len(sh), max(r + 1, stop))
 
     def _shard(self, index: int) -> _Shard:
-        if index in self._open:
-            self._open.move_to_end(index)
-            return self._open[index]
-        if index not in self._by_index:
-            raise CacheError(f"{self.path}: shard {index} is not committed in the manifest")
-        rec = self._by_index[index]
-        if self._verify and index not in self._verified:
-            self.bytes_verified += verify_shard_files(self.path, rec)
-            self._verified.add(index)
-        sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout, self.fields,
-                    self._use_mmap, self.store)
-        self._open[index] = sh
-        while len(self._open) > self._max_open:
-            self._open.popitem(last=False)
+        """The open shard, opened (and checked, once) on first use. Thread-safe: a loader's
+        read-ahead threads open shards while the worker reads others; a shard is opened once
+        even when two threads ask for it at the same time."""
+        with self._lock:
+            if index in self._open:
+                self._open.move_to_end(index)
+                return self._open[index]
+            if index not in self._by_index:
+                raise CacheError(f"{self.path}: shard {index} is not committed in the manifest")
+            opening = self._opening.setdefault(index, threading.Lock())
+        with opening:
+            with self._lock:
+                if index in self._open:
+                    return self._open[index]
+            rec = self._by_index[index]
+            if self._verify and index not in self._verified:
+                self.bytes_verified += verify_shard_files(self.path, rec)
+                self._verified.add(index)
+            sh = _Shard(self.path / SHARDS_DIR / rec["name"], rec, self.layout, self.fields,
+                        self._use_mmap, self.store)
+            with self._lock:
+                self._open[index] = sh
+                self._opening.pop(index, None)
+                while len(self._open) > self._max_open:
+                    self._open.popitem(last=False)
         return sh
 
 

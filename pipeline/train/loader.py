@@ -23,6 +23,7 @@ masked (it adds nothing to any loss or token count), so no rank waits at a barri
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -151,6 +152,22 @@ class RankStream(IterableDataset):
         self.epochs = epochs  # epochs to stream (None: until the consumer stops)
 
     def __iter__(self) -> Iterator[MicroBatch]:
+        """Build this worker's micro-batches in order. A source that reads over the network
+        (``read_ahead`` > 0) is told each micro-batch's rows that many micro-batches before
+        they are built (``source.prefetch``), so their reads overlap the work in between."""
+        ahead = int(getattr(self.source, "read_ahead", 0) or 0)
+        pending: deque[tuple[int, int, list[int], bool]] = deque()
+        for item in self._mine():
+            if ahead:
+                self.source.prefetch(item[2])
+            pending.append(item)
+            if len(pending) > ahead:
+                yield self._build(*pending.popleft())
+        while pending:
+            yield self._build(*pending.popleft())
+
+    def _mine(self) -> Iterator[tuple[int, int, list[int], bool]]:
+        """(epoch, m, this rank's rows, padding) of each micro-batch this worker builds."""
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         k, epoch, start = 0, self.epoch, self.start
@@ -160,10 +177,12 @@ class RankStream(IterableDataset):
                 k += 1
                 if (k - 1) % nw != wid:
                     continue
-                mine, padding = rank_slice(rows, self.rank, self.plan.world_size)
-                ids, tensors = self.build(self.source.fetch(mine), padding)
-                yield MicroBatch(epoch, m, ids, padding, tensors)
+                yield (epoch, m, *rank_slice(rows, self.rank, self.plan.world_size))
             epoch, start = epoch + 1, 0
+
+    def _build(self, epoch: int, m: int, rows: list[int], padding: bool) -> MicroBatch:
+        ids, tensors = self.build(self.source.fetch(rows), padding)
+        return MicroBatch(epoch, m, ids, padding, tensors)
 
 
 def _identity(batch: MicroBatch) -> MicroBatch:

@@ -7,10 +7,13 @@ teacher row are the same example, and collates both sides the official way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,13 @@ from ..tokenize import TokenizedExample, tokenize_text
 from .collate import collate_tokens, pad_rows
 
 MAX_OPEN_SHARDS = 8
+# An open shard in object storage holds its Arrow table and a few fetched chunks, not a memory
+# map, and re-opening one costs round trips: keep many more open.
+MAX_OPEN_STORE_SHARDS = 64
+# Micro-batches a DataLoader worker reads ahead of the one it builds (object storage only: local
+# shards are memory-mapped). [default 4; env DSKD_READ_AHEAD_BATCHES]
+READ_AHEAD_BATCHES = int(os.environ.get("DSKD_READ_AHEAD_BATCHES", "4"))
+_FETCHERS = 8  # threads per process that read blocks ahead
 
 
 class AlignmentError(ValueError):
@@ -64,8 +74,10 @@ class CacheSource:
     micro-batch that share a shard are read together, a run of consecutive rows at a time.
     Memory-mapped shards (the writer's layout) are read row by row: every row is used by one
     worker once per epoch, so an epoch reads each byte once whatever the number of workers.
-    Shards read through zarr go through an LRU of decoded blocks instead (a zarr read costs
-    its whole chunk).
+    Shards read through zarr, and shards in object storage, go through an LRU of decoded blocks
+    instead (a zarr read costs its whole chunk; a store read costs a round trip). From a store,
+    the loader also calls `prefetch` a few micro-batches ahead: threads read those blocks while
+    the worker builds the current batch, so a step does not wait on the network.
 
     Checksums: `verify_node_share` checks this process's share of the shards before training
     (each shard once per node, split over the node's ranks); after it, readers in this process
@@ -74,15 +86,18 @@ class CacheSource:
     """
 
     def __init__(self, path: str | Path, fields: Sequence[str], cache_mb: int = 256,
-                 use_mmap: bool = True):
+                 use_mmap: bool = True, read_ahead: int = READ_AHEAD_BATCHES):
         # a store URL becomes its local view once, here: workers reopen the view, not the URL
         self.path, self.fields = open_cache_location(path), tuple(fields)
+        self.remote = store_of(self.path) is not None
         self.use_mmap = use_mmap
         self.cache_bytes = cache_mb << 20
-        self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
-        self._lru_bytes: dict[tuple[int, int], int] = {}
-        self._bounds: dict[int, np.ndarray] = {}
-        reader = CacheReader(self.path, fields=self.fields, max_open_shards=MAX_OPEN_SHARDS,
+        # micro-batches to read ahead (RankStream asks); 0 for a local cache: mapped pages
+        # need no fetching
+        self.read_ahead = read_ahead if self.remote else 0
+        self.max_open = MAX_OPEN_STORE_SHARDS if self.remote else MAX_OPEN_SHARDS
+        self._reset_process_state()
+        reader = CacheReader(self.path, fields=self.fields, max_open_shards=self.max_open,
                              verify_checksums=True, use_mmap=use_mmap)
         self.manifest = reader.manifest
         self.shards = [(s["index"], s["name"], s["n_examples"]) for s in reader.shards]
@@ -92,23 +107,60 @@ class CacheSource:
         self._pid = os.getpid()
         self.node_verified = False
 
+    def _reset_process_state(self) -> None:
+        """Per-process state: decoded blocks, blocks being read, the read-ahead threads."""
+        self._lru: OrderedDict[tuple[int, int], list[CachedExample]] = OrderedDict()
+        self._lru_bytes: dict[tuple[int, int], int] = {}
+        self._loading: dict[tuple[int, int], Future] = {}
+        self._bounds: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_reader"] = None  # each process opens its own handles and keeps its own LRU
-        state["_lru"], state["_lru_bytes"] = OrderedDict(), {}
+        # each process opens its own handles, keeps its own LRU and starts its own threads
+        for k in ("_reader", "_lru", "_lru_bytes", "_loading", "_bounds", "_lock", "_pool"):
+            state.pop(k, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reader = None
+        self._reset_process_state()
 
     def reader(self) -> CacheReader:
         if self._reader is None or self._pid != os.getpid():
-            # Shards are memory-mapped: each open one keeps the pages it has served mapped
+            # Local shards are memory-mapped: each open one keeps the pages it has served mapped
             # (file-backed, reclaimable), so a few open shards bound that part of the memory.
+            self._reset_process_state()  # a forked worker starts with fresh locks and threads
             self._reader = CacheReader(self.path, fields=self.fields,
-                                       max_open_shards=MAX_OPEN_SHARDS, use_mmap=self.use_mmap,
+                                       max_open_shards=self.max_open, use_mmap=self.use_mmap,
                                        verify_checksums=not self.node_verified)
             self._pid = os.getpid()
-            self._lru.clear()
-            self._lru_bytes.clear()
         return self._reader
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Start reading the blocks holding these rows in background threads (object storage
+        only), so that `fetch` finds them in memory: the loader calls this a few micro-batches
+        ahead, and a training step does not wait on the network."""
+        if not self.read_ahead:
+            return
+        self.reader()  # this process's reader and threads exist before a thread needs them
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(_FETCHERS, thread_name_prefix="dskd-read-ahead")
+        by_shard: dict[int, set[int]] = {}
+        for i in indices:
+            pos, row = self.locate(i)
+            by_shard.setdefault(pos, set()).add(row)
+        for pos, rows in by_shard.items():
+            self._pool.submit(self._warm, self.shards[pos][0], sorted(rows))
+
+    def _warm(self, shard_index: int, rows: list[int]) -> None:
+        # an error here also reaches `fetch`, through the block's future (or its own read),
+        # which names the shard: nothing to report twice
+        with contextlib.suppress(Exception):
+            for r in rows:
+                self._block(shard_index, r)
 
     def verify_node_share(self, local_rank: int = 0, local_world: int = 1) -> int:
         """Checksum shards local_rank, local_rank + local_world, … (CacheError names a bad one);
@@ -117,8 +169,12 @@ class CacheSource:
         from ..cache.reader import verify_shard_files
 
         records = {s["index"]: s for s in self.manifest["shards"]}
-        done = sum(verify_shard_files(self.path, records[i])
-                   for i, _, _ in self.shards[local_rank::local_world])
+        mine = [records[i] for i, _, _ in self.shards[local_rank::local_world]]
+        if self.remote:  # network-bound: several shards streamed at once
+            with ThreadPoolExecutor(_FETCHERS) as pool:
+                done = sum(pool.map(lambda rec: verify_shard_files(self.path, rec), mine))
+        else:
+            done = sum(verify_shard_files(self.path, rec) for rec in mine)
         self.node_verified = True
         self._reader = None  # reopen without per-shard checks
         return done
@@ -154,7 +210,7 @@ class CacheSource:
         `cache_mb` whatever the cache size.
         """
         reader = self.reader()
-        if reader.is_mapped(shard_index):  # read exactly these rows, a consecutive run at a time
+        if not self.remote and reader.is_mapped(shard_index):  # exactly these rows, run by run
             out: list[CachedExample] = []
             lo = 0
             for j in range(1, len(rows) + 1):
@@ -169,22 +225,42 @@ class CacheSource:
         return out
 
     def _block(self, shard_index: int, row: int) -> tuple[int, list[CachedExample]]:
+        """(first row, examples) of the read block holding ``row``, from the LRU, from a
+        read-ahead thread already reading it (waited for, not read twice), or read now."""
         reader = self.reader()
         bounds = self._bounds.get(shard_index)
         if bounds is None:
             bounds = self._bounds[shard_index] = reader.block_bounds(shard_index)
         k = int(np.searchsorted(bounds, row, side="right")) - 1
         key = (shard_index, int(bounds[k]))
-        if key in self._lru:
-            self._lru.move_to_end(key)
-            return key[1], self._lru[key]
-        block = reader.read_rows(shard_index, range(key[1], int(bounds[k + 1])))
-        self._lru[key] = block
-        self._lru_bytes[key] = sum(a.nbytes for ex in block for a in
-                                   (getattr(ex, f) for f in reader.fields) if a is not None)
-        while len(self._lru) > 1 and sum(self._lru_bytes.values()) > self.cache_bytes:
-            old, _ = self._lru.popitem(last=False)
-            del self._lru_bytes[old]
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return key[1], self._lru[key]
+            loading = self._loading.get(key)
+            if loading is None:
+                loading = self._loading[key] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return key[1], loading.result()
+        try:
+            block = reader.read_rows(shard_index, range(key[1], int(bounds[k + 1])))
+        except BaseException as e:
+            with self._lock:
+                del self._loading[key]
+            loading.set_exception(e)
+            raise
+        size = sum(a.nbytes for ex in block for a in
+                   (getattr(ex, f) for f in reader.fields) if a is not None)
+        with self._lock:
+            self._lru[key], self._lru_bytes[key] = block, size
+            del self._loading[key]
+            while len(self._lru) > 1 and sum(self._lru_bytes.values()) > self.cache_bytes:
+                old, _ = self._lru.popitem(last=False)
+                del self._lru_bytes[old]
+        loading.set_result(block)
         return key[1], block
 
     def lengths(self) -> np.ndarray:
@@ -193,14 +269,14 @@ class CacheSource:
 
         from ..cache.spec import EXAMPLES_FILE, SHARDS_DIR
 
-        out = []
         store = store_of(self.path)
-        for _, name, _ in self.shards:
-            f = self.path / SHARDS_DIR / name / EXAMPLES_FILE
-            buf = (pa.py_buffer(store.cat(f"{SHARDS_DIR}/{name}/{EXAMPLES_FILE}")) if store
-                   else pa.memory_map(str(f), "r"))
-            table = pa.ipc.open_file(buf).read_all()
-            out.append(table.column("n_tokens").to_numpy())
+        names = [name for _, name, _ in self.shards]
+        out = []
+        for i in range(0, len(names), 64):  # from a store: 64 concurrent requests at a time
+            group = [f"{SHARDS_DIR}/{n}/{EXAMPLES_FILE}" for n in names[i:i + 64]]
+            bufs = ([pa.py_buffer(b) for b in store.cat_many(group)] if store
+                    else [pa.memory_map(str(self.path / g), "r") for g in group])
+            out += [pa.ipc.open_file(b).read_all().column("n_tokens").to_numpy() for b in bufs]
         return np.concatenate(out) if out else np.zeros(0, np.int32)
 
 

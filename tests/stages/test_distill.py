@@ -87,8 +87,9 @@ def test_sft_from_a_data_file_writes_a_loadable_student(world, tmp_path):
     rows = read_metrics(tmp_path / "sft")
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
-    for key in ("ce_loss", "lr", "grad_norm", "tokens_per_s", "label_tokens"):
+    for key in ("ce_loss", "lr", "grad_norm", "tokens_per_s", "label_tokens", "data_wait"):
         assert all(key in r for r in steps)
+    assert all(0 <= r["data_wait"] <= 1 for r in steps)  # a share of the wall time
     assert steps[0]["loss"] == pytest.approx(steps[0]["ce_loss"])  # SFT: loss is the CE
     assert [r["step"] for r in rows if "valid_loss" in r] == [2, 3]
     assert [p.name for p in list_checkpoints(tmp_path / "sft")] == ["step-00000002", "step-00000003"]
