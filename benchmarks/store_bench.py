@@ -2,6 +2,7 @@
 
     python benchmarks/store_bench.py --work /tmp/dskd-store            # ~15 min on 2 busy cores
     python benchmarks/store_bench.py --work /tmp/dskd-store --quick    # smoke run
+    python benchmarks/store_bench.py --work /tmp/dskd-store --quick --latency-ms 30  # + S3 TTFB
 
 distill_bench's 10× teacher caches the toy data once; the cache is copied into a local
 S3-compatible server (moto's `moto_server`, its own process, on 127.0.0.1). Side by side, in one
@@ -63,11 +64,52 @@ def start_moto(work: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start; see moto.log")
 
 
+def start_latency_proxy(endpoint: str, latency_ms: float) -> str:
+    """A TCP proxy in front of ``endpoint`` that holds every request for ``latency_ms`` before
+    passing it on: a store's time to first byte (tens of ms for S3 in-region) on top of
+    localhost. Runs in a daemon thread of this process for the rest of the run."""
+    import asyncio
+    import threading
+
+    host, port = endpoint.removeprefix("http://").split(":")
+    ready: dict[str, int] = {}
+    started = threading.Event()
+
+    async def pipe(reader, writer, delay: float) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(c_reader, c_writer) -> None:
+        s_reader, s_writer = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(c_reader, s_writer, latency_ms / 1000),
+                             pipe(s_reader, c_writer, 0.0))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ready["port"] = server.sockets[0].getsockname()[1]
+        started.set()
+        await server.serve_forever()
+
+    threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
+    started.wait(30)
+    return f"http://127.0.0.1:{ready['port']}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="added to every request to the store (a proxy in front of moto)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -96,6 +138,10 @@ def main() -> None:
                    "upload_s": time.perf_counter() - t, "batch_size": bs, "steps": steps,
                    "workers": args.workers, "torch_threads": int(THREADS)}
         log(f"uploaded {r['cache_mb']:.1f} MB in {r['upload_s']:.1f}s")
+        r["latency_ms"] = args.latency_ms
+        if args.latency_ms:  # reads go through the delaying proxy from here on
+            os.environ["AWS_ENDPOINT_URL_S3"] = start_latency_proxy(endpoint, args.latency_ms)
+            s3fs.S3FileSystem.clear_instance_cache()
 
         torch.set_num_threads(int(THREADS))
         r["read_ahead"] = READ_AHEAD_BATCHES
@@ -134,7 +180,8 @@ def report(r: dict) -> str:
         return "n/a" if w is None else f"{100 * w:.1f}%"
     return "\n".join([
         (f"cache {r['cache_mb']:.1f} MB in {r['n_shards']} shards; batch {r['batch_size']}, "
-        f"{r['steps']} steps, {r['workers']} DataLoader workers, {r['torch_threads']} torch thread(s)"),
+         f"{r['steps']} steps, {r['workers']} DataLoader workers, {r['torch_threads']} torch "
+         f"thread(s); {r.get('latency_ms', 0):g} ms added to every store request"),
         "",
         ("| | from disk | from the store (moto S3), no read-ahead | from the store, read-ahead "
          f"{r['read_ahead']} micro-batches |"),
