@@ -156,10 +156,12 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
     torch.manual_seed(cfg.seed)
     # A store URL: the stage works in the store's local view (manifest, commit records, head,
     # tokenizer, the shard being written) and publishes each object in commit-protocol order.
-    store = Store(cfg.out) if is_url(cfg.out) else None
-    out = store.view if store else local_path(cfg.out)
     slot = cfg.worker_index * env.world_size + env.rank
     n_slots = cfg.num_workers * env.world_size
+    # several writers (ranks, job-array workers) on one host: each stages in its own view
+    store = (Store(cfg.out, writer=f"w{slot}-of-{n_slots}" if n_slots > 1 else "")
+             if is_url(cfg.out) else None)
+    out = store.view if store else local_path(cfg.out)
     lead = slot == 0  # writes config.yaml and the bad-row report
 
     # --- data, tokenization, fingerprints: everything that needs no model. The dataset is

@@ -33,7 +33,7 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes
 from ..failpoints import failpoint
-from .manifest import checksum_hex, checksum_update, hash_file
+from .manifest import checksum_hex, checksum_update, dump_json, hash_file
 from .spec import (
     CHECKSUM,
     COMMITS_DIR,
@@ -110,6 +110,10 @@ def store_errors(url: str, doing: str) -> Iterator[None]:
         raise CacheError(f"{url}: {doing}: access denied ({e}); check that the credentials in "
                          "the environment may read and write this bucket") from None
     except FileNotFoundError as e:
+        if e.filename and os.path.isabs(str(e.filename)):  # a local file of the view, not the store
+            raise CacheError(f"{url}: {doing}: the local file {e.filename} is gone (did another "
+                             "process remove it from this store's local view?); rerun the same "
+                             "command") from None
         raise CacheError(f"{url}: {doing}: not found ({e}); check the bucket name, or create "
                          "the bucket first") from None
     except Exception as e:  # noqa: BLE001 - botocore/aiohttp/gcsfs each raise their own types
@@ -151,7 +155,10 @@ def view_root() -> Path:
 class Store:
     """A cache at a URL: its filesystem, its root path there, and its local view dir."""
 
-    def __init__(self, url: str, view: Path | None = None):
+    def __init__(self, url: str, view: Path | None = None, writer: str = ""):
+        """``writer``: one writer's own view (e.g. ``"w1-of-2"``), so that several writers of one
+        store on one host never share the dir they stage shards and commit records in; readers
+        and a single writer share the plain view."""
         if problem := check_url(url):
             raise CacheError(problem)
         self.url = url.rstrip("/")
@@ -160,7 +167,7 @@ class Store:
 
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
-        key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        key = hashlib.sha256(self.url.encode()).hexdigest()[:16] + (f"-{writer}" if writer else "")
         self.view = view or view_root() / key
 
     def path(self, *rel: str) -> str:
@@ -265,8 +272,9 @@ class Store:
             for rel in record["files"]:
                 self.fs.put_file(str(local / rel), f"{prefix}/{rel}")
             failpoint("shard.uploaded")  # objects in the store, commit record not yet
-            self.fs.put_file(str(self.view / COMMITS_DIR / f"{name}.json"),
-                             self.path(COMMITS_DIR, f"{name}.json"))
+            # the record's bytes as the writer wrote them into the view (from memory: a pull
+            # drops view records the store does not have yet)
+            self.fs.pipe_file(self.path(COMMITS_DIR, f"{name}.json"), dump_json(record))
         shutil.rmtree(local, ignore_errors=True)
 
     def wipe(self) -> None:

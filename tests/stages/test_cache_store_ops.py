@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -34,8 +35,8 @@ def disk_ref(toy_world, tmp_path_factory):
     return out
 
 
-def _cli_args(world, out: str, *extra: str) -> list[str]:
-    c = _cache_cfg(world, out)
+def _cli_args(world, out: str, *extra: str, **kw) -> list[str]:
+    c = _cache_cfg(world, out, **kw)
     return ["cache-teacher", "--teacher", c.teacher, "--data", c.data, "--out", out,
             "--limit", str(c.limit), "--shard-size", str(c.shard_size), "--top-k", str(c.top_k),
             "--batch-tokens", str(c.batch_tokens), "--no-progress", *extra]
@@ -43,11 +44,11 @@ def _cli_args(world, out: str, *extra: str) -> list[str]:
 
 def assert_same_as_disk(url: str, fs, disk) -> None:
     """The store holds exactly the disk cache's objects with the same bytes; config.yaml differs
-    only by where it was written (and by --overwrite)."""
+    only by where it was written (and by --overwrite, or the worker split)."""
     far, near = store_tree(url, fs), disk_tree(disk)
     assert sorted(far) == sorted(near)
     assert {k for k in far if far[k] != near[k]} <= {"config.yaml"}
-    skip = {"out": None, "overwrite": None}
+    skip = {"out": None, "overwrite": None, "num-workers": None, "worker-index": None}
     assert ({**yaml.safe_load(far["config.yaml"]), **skip}
             == {**yaml.safe_load(near["config.yaml"]), **skip})
 
@@ -150,3 +151,43 @@ def test_verify_repair_in_the_store_rewrites_only_the_corrupt_shard(toy_world, s
             if "/shard-00001/" not in k} == stamps
     assert_same_as_disk(c, fs, disk_ref)
     assert CliRunner().invoke(app, ["cache", "verify", c]).exit_code == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["one-host", "two-hosts", "torchrun"])
+def test_two_writers_of_one_store_at_once_make_the_one_process_cache(toy_world, s3, tmp_path,
+                                                                      how):
+    """Two writers started at once on one store URL (5 shards, taken alternately) share the
+    cache's start, commit their own shards, the last to finish writes the complete manifest, and
+    the store holds the bytes of one process's disk cache. Job-array workers (`--num-workers 2
+    --worker-index 0|1`), "one-host": with one $DSKD_STORE_CACHE (they once shared a view dir, and
+    one worker's pull deleted the other's commit record before its upload: "uploading shard …
+    not found"); "two-hosts": each its own, as on two machines. "torchrun": two ranks."""
+    url, fs = s3
+    c = url + "/c"
+    disk = tmp_path / "disk"
+    cache_run(_cache_cfg(toy_world, str(disk), shard_size=2))
+    if how == "torchrun":
+        torchrun = Path(sys.executable).with_name("torchrun")
+        p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m",
+                            "dskd.cli", *_cli_args(toy_world, c, shard_size=2)],
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                           text=True, timeout=600, check=False)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert_same_as_disk(c, fs, disk)
+        assert verify_cache(c) == []
+        return
+    procs = []
+    for w in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if how == "two-hosts":
+            env["DSKD_STORE_CACHE"] = str(tmp_path / f"views-{w}")
+        args = _cli_args(toy_world, c, "--num-workers", "2", "--worker-index", str(w),
+                         shard_size=2)
+        procs.append(subprocess.Popen([sys.executable, "-m", "dskd.cli", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert_same_as_disk(c, fs, disk)
+    assert verify_cache(c) == []
