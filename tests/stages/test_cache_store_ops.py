@@ -191,3 +191,38 @@ def test_two_writers_of_one_store_at_once_make_the_one_process_cache(toy_world, 
         assert p.returncode == 0, err[-3000:]
     assert_same_as_disk(c, fs, disk)
     assert verify_cache(c) == []
+
+
+def test_eval_cache_and_distill_valid_cache_from_a_store_equal_the_same_from_disk(
+        toy_world, s3, disk_ref, tmp_path):
+    """`dskd eval --cache s3://…` (fidelity of a student to the held-out teacher cache) and
+    `dskd distill --valid-cache s3://…` (the validation loss) give the numbers they give from
+    the same cache on disk."""
+    from dskd.pipeline.train.logger import read_metrics
+    from dskd.stages.distill import DistillConfig
+    from dskd.stages.distill import run as distill_run
+
+    url, _ = s3
+    valid = {"data": str(toy_world.valid), "limit": 6}  # 2 shards of 4 and 2 examples
+    cache_run(_cache_cfg(toy_world, str(tmp_path / "valid"), **valid))
+    cache_run(_cache_cfg(toy_world, url + "/valid", **valid))
+
+    fid = {}
+    for where, cache in (("disk", str(tmp_path / "valid")), ("s3", url + "/valid")):
+        r = CliRunner().invoke(app, ["eval", "--model", str(toy_world.student), "--cache", cache,
+                                     "--no-generate", "--out", str(tmp_path / f"eval_{where}")])
+        assert r.exit_code == 0, r.output
+        fid[where] = json.loads((tmp_path / f"eval_{where}" / "results.json").read_text())["fidelity"]
+    assert fid["s3"] == fid["disk"]
+    assert fid["s3"]["student"]["examples"] == 6 and fid["s3"]["student"]["kl"] > 0
+
+    common = {"student": str(toy_world.student), "cache": str(disk_ref), "batch_size": 4,
+              "max_steps": 2, "eval_interval": 2, "save_interval": 1000, "num_workers": 0,
+              "log_interval": 1, "tensorboard": False, "seed": 3, "method": "dskd"}
+    evals = {}
+    for where, cache in (("disk", str(tmp_path / "valid")), ("s3", url + "/valid")):
+        distill_run(DistillConfig(out=str(tmp_path / f"d_{where}"), valid_cache=cache, **common))
+        evals[where] = [r for r in read_metrics(tmp_path / f"d_{where}") if "valid_loss" in r]
+    assert [r["step"] for r in evals["s3"]] == [2]
+    assert [r["valid_loss"] for r in evals["s3"]] == [r["valid_loss"] for r in evals["disk"]]
+    assert yaml.safe_load((tmp_path / "d_s3" / "config.yaml").read_text())["valid-cache"] == url + "/valid"
