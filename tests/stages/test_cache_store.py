@@ -39,7 +39,7 @@ def _cache_cfg(world, out: str, **kw) -> CacheTeacherConfig:
 
 def store_tree(url: str, fs) -> dict[str, bytes]:
     """Every object under the URL (bytes), except locks."""
-    root = url.removeprefix("s3://")
+    root = url.split("://", 1)[1]
     fs.invalidate_cache()  # another process changed the bucket since this fs last listed it
     return {k[len(root) + 1:]: fs.cat_file(k) for k in sorted(fs.find(root))
             if not k[len(root) + 1:].startswith(spec.LOCKS_DIR + "/")}
