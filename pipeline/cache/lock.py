@@ -9,6 +9,7 @@ shards.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -233,7 +234,8 @@ class ObjectLock:
             except OSError as e:
                 if _precondition_failed(e):
                     raise self._raced() from None
-                raise
+                if not _unsupported(e):
+                    raise
         # No conditional overwrite: delete, then create if absent. Two writers that both read
         # the expired lock can both get here; the read-back in acquire catches most such races,
         # and the loser stops at its next shard commit (``check``) when its refresh finds the
@@ -256,13 +258,14 @@ class ObjectLock:
             if etag and conditional_writes(self.store.fs):
                 try:  # only over our own object: never over a writer that just took over
                     self.store.fs.pipe_file(path, self._body(), IfMatch=etag)
-                except (FileNotFoundError, OSError) as e:
+                    return True
+                except OSError as e:  # FileNotFoundError included: it was deleted
                     if isinstance(e, FileNotFoundError) or _precondition_failed(e):
                         self._lose(self._read(self.name))
                         return False
-                    raise
-            else:
-                self.store.fs.pipe_file(path, self._body())
+                    if not _unsupported(e):
+                        raise
+            self.store.fs.pipe_file(path, self._body())
         except Exception as e:  # noqa: BLE001 - a network blip: retry at the next tick
             self.say(f"could not refresh the writer lock on {self.store.url}: {e}")
         return True
@@ -308,6 +311,13 @@ def _precondition_failed(e: BaseException) -> bool:
     cause = e.__cause__ or e
     code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
     return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+
+
+def _unsupported(e: OSError) -> bool:
+    """The store does not implement conditional writes (501 NotImplemented; s3fs: ENOSYS)."""
+    cause = e.__cause__ or e
+    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+    return code == "NotImplemented" or e.errno == errno.ENOSYS
 
 
 def _alive(info: dict[str, Any]) -> bool:

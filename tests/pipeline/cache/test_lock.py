@@ -147,3 +147,30 @@ def test_a_refresh_never_overwrites_a_lock_taken_over_meanwhile(s3, atomic_condi
         first.check()
     first.release()  # not ours any more: left in place
     assert fs.cat_file(obj) == successor
+
+
+def test_a_store_that_does_not_implement_if_match_falls_back(s3, monkeypatch):
+    """An S3-compatible store answering 501 NotImplemented to If-Match: the expired lock is
+    still taken over (delete, then create) and refreshed (plain PUT), as before conditional
+    writes."""
+    url, fs = s3
+    store = Store(url + "/c")
+    obj = _expired_lock(fs, store)
+    pipe_file = type(fs).pipe_file
+
+    def no_if_match(self, path, data, **kw):
+        if "IfMatch" in kw:
+            raise OSError(38, "A header you provided implies functionality that is not implemented")
+        return pipe_file(self, path, data, **kw)
+
+    monkeypatch.setattr(type(fs), "pipe_file", no_if_match)
+    said: list[str] = []
+    lock = ObjectLock(store, ttl=60, say=said.append).acquire()
+    lock._stop.set()
+    assert json.loads(fs.cat_file(obj))["owner"] == lock.owner and "taking over" in said[0]
+    before = json.loads(fs.cat_file(obj))["expires"]
+    time.sleep(0.01)
+    assert lock._refresh_once() and lock.lost is None and len(said) == 1
+    assert json.loads(fs.cat_file(obj))["expires"] > before
+    lock.release()
+    assert not fs.exists(obj)
