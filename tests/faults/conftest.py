@@ -4,6 +4,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +19,23 @@ def dskd(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
     full_env = {**base, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dskd.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, check=False)
+
+
+def start_paused(args: list[str], point: str, release: Path) -> subprocess.Popen:
+    """`dskd ARGS` in the background, paused at failpoint POINT ("name:N") until `release` exists.
+    Returns once it is there (so whatever it holds, e.g. a lock, is held), or once it has exited
+    (the caller's assertions then report it). Its output goes to files (RELEASE.stdout/.stderr),
+    not pipes: a full pipe would stop it before it reaches the failpoint."""
+    env = {k: v for k, v in os.environ.items() if k != "DSKD_FAILPOINTS"}
+    env |= {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "DSKD_FAILPOINTS": f"{point}:wait={release}"}
+    with open(f"{release}.stdout", "w") as out, open(f"{release}.stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dskd.cli", *args], stdout=out, stderr=err,
+                                env=env)
+    reached = Path(f"{release}.reached")
+    while not reached.exists() and proc.poll() is None:  # an event, not a timing guess
+        time.sleep(0.05)
+    return proc
 
 
 def cache_args(world, out: Path, *extra: str) -> list[str]:
@@ -48,4 +66,5 @@ def reference_cache(toy_world, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fx():
     """The helpers above, for test modules (conftest is not importable under importlib mode)."""
-    return SimpleNamespace(dskd=dskd, cache_args=cache_args, shard_digests=shard_digests)
+    return SimpleNamespace(dskd=dskd, cache_args=cache_args, shard_digests=shard_digests,
+                           start_paused=start_paused)

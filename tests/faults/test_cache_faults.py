@@ -5,11 +5,8 @@ sees, then proves nothing was lost: the rerun's shards equal an uninterrupted ru
 """
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,24 +79,20 @@ def test_corruption_is_named_by_verify_and_refused_by_distill(fx, toy_world, ref
 
 
 def test_two_writers_on_one_cache_dir(fx, toy_world, reference_cache, tmp_path):
-    """The first writer pauses after its first shard (holding the lock); a second is refused and
-    the first then finishes a cache equal to an uninterrupted one."""
+    """The first writer pauses after its first shard (holding the lock) until the second has
+    been refused; the first then finishes a cache equal to an uninterrupted one."""
     out = tmp_path / "cache"
     args = fx.cache_args(toy_world, out)
-    env = {**os.environ, "DSKD_FAILPOINTS": "shard.renamed:1:sleep=20"}
-    first = subprocess.Popen([sys.executable, "-m", "dskd.cli", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    release = tmp_path / "release"
+    first = fx.start_paused(args, "shard.renamed:1", release)
     try:
-        for _ in range(1200):  # until the first shard is in place: the lock is surely held
-            if (out / "shards" / "shard-00000").exists() or first.poll() is not None:
-                break
-            time.sleep(0.05)
         second = fx.dskd(*args)
     finally:
+        release.touch()
         first.communicate(timeout=600)
     assert second.returncode != 0, "the lock did not refuse a second writer"
     assert "lock" in second.stderr.lower() and "Traceback" not in second.stderr, second.stderr
-    assert first.returncode == 0
+    assert first.returncode == 0, Path(f"{release}.stderr").read_text()[-2000:]
     assert fx.shard_digests(out) == fx.shard_digests(reference_cache)
 
 

@@ -2,11 +2,8 @@
 start two runs in one dir; the resumed run must end with the uninterrupted run's weights."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,20 +77,15 @@ def test_corrupt_checkpoint_is_named_and_nothing_is_trained_from_it(fx, toy_worl
 def test_two_runs_into_one_dir(fx, toy_world, reference_cache, tmp_path):
     out = tmp_path / "run"
     args = distill_args(toy_world, reference_cache, out)
-    env = {**{k: v for k, v in os.environ.items() if k != "DSKD_FAILPOINTS"},
-           "DSKD_FAILPOINTS": "train.step:1:sleep=20"}
-    first = subprocess.Popen([sys.executable, "-m", "dskd.cli", *args], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    release = tmp_path / "release"
+    first = fx.start_paused(args, "train.step:1", release)  # holds the run's lock until released
     try:
-        for _ in range(1200):
-            if (out / "metrics.jsonl").exists() or first.poll() is not None:
-                break
-            time.sleep(0.05)
         second = fx.dskd(*args, "--resume")
     finally:
+        release.touch()
         first.communicate(timeout=600)
     assert second.returncode == 1 and "locked by another running" in second.stderr, second.stderr[-2000:]
-    assert first.returncode == 0
+    assert first.returncode == 0, Path(f"{release}.stderr").read_text()[-2000:]
 
 
 def test_disk_full_during_checkpoint_commits_no_half_checkpoint(fx, toy_world, reference_cache,
