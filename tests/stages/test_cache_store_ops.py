@@ -42,6 +42,13 @@ def _cli_args(world, out: str, *extra: str, **kw) -> list[str]:
             "--batch-tokens", str(c.batch_tokens), "--no-progress", *extra]
 
 
+def upload(disk, url: str, fs) -> None:
+    """A disk cache copied into the store: the objects cache-teacher --out URL writes (the same
+    bytes, test_cache_store.py shows), for the tests that start from a finished store cache."""
+    root = url.split("://", 1)[1]
+    fs.pipe({f"{root}/{rel}": data for rel, data in disk_tree(disk).items()})  # not locks/
+
+
 def assert_same_as_disk(url: str, fs, disk) -> None:
     """The store holds exactly the disk cache's objects with the same bytes; config.yaml differs
     only by where it was written (and by --overwrite, or the worker split)."""
@@ -73,6 +80,7 @@ def test_overwrite_replaces_a_store_cache_made_with_another_config(toy_world, s3
     assert verify_cache(c) == []
 
 
+@pytest.mark.slow
 def test_a_wipe_killed_after_the_manifest_delete_leaves_no_cache_then_a_rerun_rebuilds(
         toy_world, s3, disk_ref, tmp_path):
     """SIGKILL inside Store.wipe (--overwrite), right after the manifest was deleted: the shard
@@ -81,7 +89,7 @@ def test_a_wipe_killed_after_the_manifest_delete_leaves_no_cache_then_a_rerun_re
     the cache from nothing."""
     url, fs = s3
     c = url + "/c"
-    cache_run(_cache_cfg(toy_world, c))
+    upload(disk_ref, c, fs)  # what cache-teacher writes there (test_cache_store.py)
     assert len(CacheReader(c)) == 10  # the view now holds the complete manifest
     script = ("import sys; from dskd.pipeline.cache.remote import Store\n"
               "s = Store(sys.argv[1]); s.pull(for_write=True); s.wipe()\n")
@@ -116,7 +124,7 @@ def test_verify_repair_in_the_store_rewrites_only_the_corrupt_shard(toy_world, s
     url, fs = s3
     c = url + "/c"
     root = c.removeprefix("s3://")
-    cache_run(_cache_cfg(toy_world, c))
+    upload(disk_ref, c, fs)
     bad = f"{root}/shards/shard-00001/examples.arrow"
     data = bytearray(fs.cat_file(bad))
     data[len(data) // 2] ^= 0xFF
@@ -202,10 +210,10 @@ def test_eval_cache_and_distill_valid_cache_from_a_store_equal_the_same_from_dis
     from dskd.stages.distill import DistillConfig
     from dskd.stages.distill import run as distill_run
 
-    url, _ = s3
+    url, fs = s3
     valid = {"data": str(toy_world.valid), "limit": 6}  # 2 shards of 4 and 2 examples
     cache_run(_cache_cfg(toy_world, str(tmp_path / "valid"), **valid))
-    cache_run(_cache_cfg(toy_world, url + "/valid", **valid))
+    upload(tmp_path / "valid", url + "/valid", fs)
 
     fid = {}
     for where, cache in (("disk", str(tmp_path / "valid")), ("s3", url + "/valid")):
