@@ -1,5 +1,12 @@
-"""End to end: `dskd quickstart --preset tiny` runs every stage and its outputs are usable."""
+"""End to end: `dskd quickstart --preset tiny` runs every stage and its outputs are usable.
 
+The default tier runs the quickstart with the tiny preset's sizes cut further (one teacher
+epoch, 3 steps per student, 10 eval rows of 12 new tokens; ~1/3 of the preset's time): every
+stage and every student runs, wired as shipped. The preset exactly as shipped runs in the slow
+tier with the same checks."""
+
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -9,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dskd.pipeline.data import load_examples
 from dskd.pipeline.tokenize import IGNORE_INDEX, model_inputs, tokenize_example
+from dskd.stages import quickstart as qs
 from dskd.stages.quickstart import STUDENTS, QuickstartConfig, run, truth_summary
 
 
@@ -28,11 +36,18 @@ def response_nll(model_dir: Path, data: Path, n: int = 60) -> float:
     return total / count
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cut", pytest.param("as-shipped", marks=pytest.mark.slow)])
+def quickstart(request, tmp_path_factory):
+    """(out dir, report path) of `quickstart --preset tiny`; in the `cut` variant with smaller
+    sizes (a test's options, not the preset's), held for the module's tests (the rerun too)."""
     out = tmp_path_factory.mktemp("quickstart")
-    report = run(QuickstartConfig(out=str(out), preset="tiny"))
-    return out, report
+    with pytest.MonkeyPatch.context() as mp:
+        if request.param == "cut":
+            mp.setitem(qs.SIZES, "tiny", dataclasses.replace(
+                qs.SIZES["tiny"], teacher_epochs=1, eval_limit=10, max_new_tokens=12))
+            mp.setattr(qs, "train_student", functools.partial(qs.train_student, max_steps=3))
+        report = run(QuickstartConfig(out=str(out), preset="tiny"))
+        yield out, report
 
 
 def test_every_stage_wrote_its_outputs(quickstart):
