@@ -12,6 +12,7 @@ an uninterrupted run.
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -257,6 +258,8 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
             console.print(f"[green]cache complete[/]: {cfg.out}  {t['n_examples']:,} examples, "
                           f"{t['n_tokens']:,} tokens, {t['bytes'] / 2**20:,.1f} MiB, "
                           f"{t['bytes_per_token']['total']:.0f} B/token")
+    if store and store.writer:  # this writer's scratch view (the shared one stays)
+        shutil.rmtree(store.view, ignore_errors=True)
     return final, stats
 
 

@@ -158,7 +158,9 @@ class Store:
     def __init__(self, url: str, view: Path | None = None, writer: str = ""):
         """``writer``: one writer's own view (e.g. ``"w1-of-2"``), so that several writers of one
         store on one host never share the dir they stage shards and commit records in; readers
-        and a single writer share the plain view."""
+        and a single writer share the plain view. A writer's own view is scratch: it mirrors
+        only the manifest and commit records (not the head or tokenizer, which writers take from
+        the teacher), and the stage deletes it when done."""
         if problem := check_url(url):
             raise CacheError(problem)
         self.url = url.rstrip("/")
@@ -169,6 +171,7 @@ class Store:
         self.root = self.root.rstrip("/")
         key = hashlib.sha256(self.url.encode()).hexdigest()[:16] + (f"-{writer}" if writer else "")
         self.view = view or view_root() / key
+        self.writer = writer
 
     def path(self, *rel: str) -> str:
         return "/".join((self.root, *rel))
@@ -210,7 +213,7 @@ class Store:
             for n in names:
                 atomic_write_bytes(local / n, blobs[self.path(COMMITS_DIR, n)])
             known = _known_checksums(manifest)
-            for name in _SMALL:
+            for name in _SMALL if not self.writer else ():
                 if name in top:
                     self._mirror(name, known)
             # the manifest last: a view never lists a shard whose record it lacks

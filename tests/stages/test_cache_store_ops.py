@@ -197,6 +197,9 @@ def test_two_writers_of_one_store_at_once_make_the_one_process_cache(toy_world, 
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    views = [tmp_path / "store-views"] if how == "one-host" else [tmp_path / "views-0",
+                                                                  tmp_path / "views-1"]
+    assert not [p.name for v in views for p in v.iterdir() if "-w" in p.name]  # scratch: gone
     assert_same_as_disk(c, fs, disk)
     assert verify_cache(c) == []
 
