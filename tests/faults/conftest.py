@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,23 @@ def dskd(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
     full_env = {**base, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run([sys.executable, "-m", "dskd.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, check=False)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`dskd ARGS` in this process (typer's runner, the same app): exit code, stdout and stderr
+    as the user sees them, an uncaught exception as its traceback on stderr (exit 1), as from
+    a process. For commands that finish or refuse: saves a process start (~7 CPU-s of imports);
+    kills, pauses and crash-then-resume runs use dskd()."""
+    from typer.testing import CliRunner
+
+    from dskd.cli import app
+
+    assert "DSKD_FAILPOINTS" not in os.environ, "failpoints kill the process: use dskd()"
+    r = CliRunner().invoke(app, list(args))
+    err = r.stderr
+    if r.exc_info is not None and not isinstance(r.exception, SystemExit):
+        err += "".join(traceback.format_exception(*r.exc_info))
+    return subprocess.CompletedProcess(["dskd", *args], r.exit_code, r.stdout, err)
 
 
 def start_paused(args: list[str], point: str, release: Path) -> subprocess.Popen:
@@ -66,5 +84,5 @@ def reference_cache(toy_world, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fx():
     """The helpers above, for test modules (conftest is not importable under importlib mode)."""
-    return SimpleNamespace(dskd=dskd, cache_args=cache_args, shard_digests=shard_digests,
+    return SimpleNamespace(dskd=dskd, cli=cli, cache_args=cache_args, shard_digests=shard_digests,
                            start_paused=start_paused)

@@ -27,12 +27,12 @@ def test_sigkill_at_a_failpoint_then_rerun_is_bit_identical(fx, toy_world, refer
     manifest = json.loads((out / "manifest.json").read_text())
     assert not manifest.get("complete"), "a killed run must not look complete"
     # the killed cache is not usable as if complete
-    v = fx.dskd("cache", "verify", str(out))
+    v = fx.cli("cache", "verify", str(out))
     assert v.returncode != 0
     resumed = fx.dskd(*fx.cache_args(toy_world, out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert fx.shard_digests(out) == fx.shard_digests(reference_cache)
-    assert fx.dskd("cache", "verify", str(out)).returncode == 0
+    assert fx.cli("cache", "verify", str(out)).returncode == 0
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -65,14 +65,14 @@ def test_corruption_is_named_by_verify_and_refused_by_distill(fx, toy_world, ref
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
-    v = fx.dskd("cache", "verify", str(cache))
+    v = fx.cli("cache", "verify", str(cache))
     assert v.returncode == 1, v.stdout + v.stderr
     name = Path(target).name if "shard" not in target else Path(target).parts[1]
     assert name in v.stderr, v.stderr  # the bad shard or file is named
     assert "Traceback" not in v.stderr
-    d = fx.dskd("distill", "--cache", str(cache), "--student", str(toy_world.student),
-             "--out", str(tmp_path / "run"), "--method", "dskd", "--max-steps", "2",
-             "--num-workers", "0", "--device", "cpu")
+    d = fx.cli("distill", "--cache", str(cache), "--student", str(toy_world.student),
+            "--out", str(tmp_path / "run"), "--method", "dskd", "--max-steps", "2",
+            "--num-workers", "0", "--device", "cpu")
     assert d.returncode != 0
     assert "Traceback" not in d.stderr, d.stderr[-3000:]
     assert not (tmp_path / "run" / "final").exists()  # no output from corrupted input
@@ -86,7 +86,7 @@ def test_two_writers_on_one_cache_dir(fx, toy_world, reference_cache, tmp_path):
     release = tmp_path / "release"
     first = fx.start_paused(args, "shard.renamed:1", release)
     try:
-        second = fx.dskd(*args)
+        second = fx.cli(*args)  # in this process: the lock is held by another one
     finally:
         release.touch()
         first.communicate(timeout=600)

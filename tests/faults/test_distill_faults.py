@@ -68,7 +68,7 @@ def test_corrupt_checkpoint_is_named_and_nothing_is_trained_from_it(fx, toy_worl
     latest = max((out / "checkpoints").glob("step-*"))
     f = latest / target
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    r = fx.dskd(*distill_args(toy_world, reference_cache, out, "--resume"))
+    r = fx.cli(*distill_args(toy_world, reference_cache, out, "--resume"))
     assert r.returncode == 1, r.stderr[-3000:]
     assert latest.name in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not (out / "final").exists()
@@ -80,7 +80,7 @@ def test_two_runs_into_one_dir(fx, toy_world, reference_cache, tmp_path):
     release = tmp_path / "release"
     first = fx.start_paused(args, "train.step:1", release)  # holds the run's lock until released
     try:
-        second = fx.dskd(*args, "--resume")
+        second = fx.cli(*args, "--resume")  # in this process: the lock is held by another one
     finally:
         release.touch()
         first.communicate(timeout=600)

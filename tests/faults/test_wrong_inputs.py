@@ -23,21 +23,21 @@ def test_teacher_vocab_padded_past_the_tokenizer(fx, toy_world, tmp_path, method
     teacher = _teacher_copy(toy_world, tmp_path / "padded", lambda m, tok: m.resize_token_embeddings(
         len(tok) + 9, mean_resizing=False))
     cache = tmp_path / "cache"
-    r = fx.dskd("cache-teacher", "--teacher", str(teacher), "--data", str(toy_world.train),
-                "--out", str(cache), "--limit", "16", "--top-k", "8", "--no-progress", "--device", "cpu")
+    r = fx.cli("cache-teacher", "--teacher", str(teacher), "--data", str(toy_world.train),
+               "--out", str(cache), "--limit", "16", "--top-k", "8", "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = fx.dskd("distill", "--cache", str(cache), "--student", str(toy_world.student),
-                "--out", str(tmp_path / "run"), "--method", method, "--max-steps", "2",
-                "--num-workers", "0", "--device", "cpu")
+    r = fx.cli("distill", "--cache", str(cache), "--student", str(toy_world.student),
+               "--out", str(tmp_path / "run"), "--method", method, "--max-steps", "2",
+               "--num-workers", "0", "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     if method == "kd":  # the user is told what was done with the padding rows
         assert "padding rows past the tokenizer are cut" in r.stdout + r.stderr
 
 
 def test_a_different_vocabulary_is_not_mistaken_for_padding(fx, toy_world, tmp_path):
-    r = fx.dskd("distill", "--teacher", str(toy_world.teacher), "--student", str(toy_world.student_xvocab),
-                "--data", str(toy_world.train), "--out", str(tmp_path / "run"), "--method", "kd",
-                "--max-steps", "1", "--num-workers", "0", "--device", "cpu", "--limit", "8")
+    r = fx.cli("distill", "--teacher", str(toy_world.teacher), "--student", str(toy_world.student_xvocab),
+               "--data", str(toy_world.train), "--out", str(tmp_path / "run"), "--method", "kd",
+               "--max-steps", "1", "--num-workers", "0", "--device", "cpu", "--limit", "8")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "dskd-cma" in r.stderr
 
@@ -49,8 +49,8 @@ def test_nan_in_teacher_outputs_commits_nothing(fx, toy_world, tmp_path):
 
     teacher = _teacher_copy(toy_world, tmp_path / "nan", poison)
     cache = tmp_path / "cache"
-    r = fx.dskd("cache-teacher", "--teacher", str(teacher), "--data", str(toy_world.train),
-                "--out", str(cache), "--limit", "16", "--no-progress", "--device", "cpu")
+    r = fx.cli("cache-teacher", "--teacher", str(teacher), "--data", str(toy_world.train),
+               "--out", str(cache), "--limit", "16", "--no-progress", "--device", "cpu")
     assert r.returncode == 1, r.stderr[-2000:]
     assert "nan" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not list((cache / "commits").glob("*.json")) if (cache / "commits").exists() else True
