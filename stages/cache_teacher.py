@@ -201,6 +201,8 @@ def cache_teacher(cfg: CacheTeacherConfig, env: Any, backend: TeacherBackend | N
             manifest = resumable_manifest(out, fps, overwrite=False, shown=cfg.out)
         if manifest is not None and manifest["complete"]:
             console.print(f"[green]cache {cfg.out} is already complete[/]; nothing to do")
+            if store and store.writer:
+                shutil.rmtree(store.view, ignore_errors=True)
             return manifest, RunStats()
         if lead:
             save_config(cfg, out)
