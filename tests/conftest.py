@@ -99,8 +99,9 @@ def moto_endpoint():
 @pytest.fixture
 def s3(moto_endpoint, monkeypatch, tmp_path):
     """A fresh bucket on the local S3 server, reached the way users reach S3: credentials and
-    endpoint in the standard AWS variables (fake ones), nothing passed in code. Returns
-    (bucket URL, an s3fs filesystem); store views go to tmp_path."""
+    endpoint in the standard AWS variables (fake ones), nothing passed in code. Gives
+    (bucket URL, an s3fs filesystem); store views go to tmp_path. Closes every s3fs session
+    after the test."""
     import uuid
 
     import s3fs
@@ -116,7 +117,23 @@ def s3(moto_endpoint, monkeypatch, tmp_path):
     fs = s3fs.S3FileSystem()
     bucket = f"dskd-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
-    return f"s3://{bucket}", fs
+    yield f"s3://{bucket}", fs
+    _close_s3fs(fs)
+
+
+def _close_s3fs(*extra) -> None:
+    """Close the client sessions of the test's s3fs filesystems (its own and the cached ones the
+    code under test made), then forget them. Left to garbage collection, s3fs closes a session
+    with a 0.1 s timeout that a busy machine misses, and aiohttp logs "Unclosed client session"."""
+    import s3fs
+    from fsspec.asyn import sync
+
+    for fs in {id(f): f for f in (*extra, *s3fs.S3FileSystem._cache.values())}.values():
+        client = getattr(fs, "_s3", None)
+        if client is not None:
+            fs._s3 = None
+            sync(fs.loop, client.__aexit__, None, None, None)
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="session")
