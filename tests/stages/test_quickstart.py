@@ -41,6 +41,7 @@ def quickstart(request, tmp_path_factory):
     """(out dir, report path) of `quickstart --preset tiny`; in the `cut` variant with smaller
     sizes (a test's options, not the preset's), held for the module's tests (the rerun too)."""
     out = tmp_path_factory.mktemp("quickstart")
+    threads = torch.get_num_threads()  # the quickstart sets its own (--threads, default 1)
     with pytest.MonkeyPatch.context() as mp:
         if request.param == "cut":
             mp.setitem(qs.SIZES, "tiny", dataclasses.replace(
@@ -48,6 +49,7 @@ def quickstart(request, tmp_path_factory):
             mp.setattr(qs, "train_student", functools.partial(qs.train_student, max_steps=3))
         report = run(QuickstartConfig(out=str(out), preset="tiny"))
         yield out, report
+    torch.set_num_threads(threads)  # the tests after this module get the suite's setting back
 
 
 def test_every_stage_wrote_its_outputs(quickstart):
