@@ -1,7 +1,7 @@
 """End to end: `dskd quickstart --preset tiny` runs every stage and its outputs are usable.
 
-The default tier runs the quickstart with the tiny preset's sizes cut further (one teacher
-epoch, 3 steps per student, 10 eval rows of 12 new tokens; ~1/3 of the preset's time): every
+The default tier runs the quickstart with the tiny preset's sizes cut further (8 teacher
+steps, 128 cached rows per split, 3 steps per student, 10 eval rows of 12 new tokens): every
 stage and every student runs, wired as shipped. The preset exactly as shipped runs in the slow
 tier with the same checks."""
 
@@ -45,8 +45,12 @@ def quickstart(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         if request.param == "cut":
             mp.setitem(qs.SIZES, "tiny", dataclasses.replace(
-                qs.SIZES["tiny"], teacher_epochs=1, eval_limit=10, max_new_tokens=12))
+                qs.SIZES["tiny"], eval_limit=10, max_new_tokens=12))
             mp.setattr(qs, "train_student", functools.partial(qs.train_student, max_steps=3))
+            mp.setattr(qs, "cache_splits", functools.partial(qs.cache_splits, limit=128))
+            teacher = qs.train_teacher
+            mp.setattr(qs, "train_teacher", lambda out, world, sz, common: teacher(
+                out, world, sz, {**common, "max_steps": 8}))
         report = run(QuickstartConfig(out=str(out), preset="tiny"))
         yield out, report
     torch.set_num_threads(threads)  # the tests after this module get the suite's setting back
