@@ -81,12 +81,10 @@ def test_skip_policy_skips_and_reports_exactly_the_bad_rows(tmp_path_factory, ro
             load_examples(path, on_bad_row="error")
 
 
-def test_prompt_longer_than_the_limit_is_skipped_and_reported(tmp_path):
-    from pathlib import Path
-
+def test_prompt_longer_than_the_limit_is_skipped_and_reported(tmp_path, shared_dir):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[2] / ".." / "shared" / "tokenizers" / "gpt2")
+    tok = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "gpt2")
     rows = [{"instruction": "short", "response": "ok"},
             {"instruction": "word " * 400, "response": "ok"},
             {"instruction": "also short", "response": "fine"}]

@@ -1,6 +1,5 @@
 """Tokenization: DSKD conventions on a hand-checked example, offsets, truncation, bad rows."""
 
-from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -14,17 +13,15 @@ from dskd.pipeline.tokenize import (
     tokenize_example,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+
+@pytest.fixture(scope="module")
+def gpt2(shared_dir):
+    return AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "gpt2")
 
 
 @pytest.fixture(scope="module")
-def gpt2():
-    return AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "gpt2")
-
-
-@pytest.fixture(scope="module")
-def mistral():
-    return AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "mistral")
+def mistral(shared_dir):
+    return AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "mistral")
 
 
 PROMPT = "### Instruction:\nSay hi\n\n### Response:\n"
@@ -80,8 +77,8 @@ def test_prompt_leaving_no_room_is_a_bad_row(gpt2):
         tokenize_example(Example("i", "one two three four", "x", ("x",), 0), gpt2, max_prompt_len=8, max_len=4)
 
 
-def test_ensure_special_tokens_sets_pad(gpt2):
-    tok = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "gpt2")
+def test_ensure_special_tokens_sets_pad(shared_dir):
+    tok = AutoTokenizer.from_pretrained(shared_dir / "tokenizers" / "gpt2")
     assert tok.pad_token_id is None
     changes = ensure_special_tokens(tok)
     assert tok.pad_token_id == tok.eos_token_id and any("pad" in c for c in changes)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +12,18 @@ import torch
 from dskd.pipeline.losses import StudentBatch, TeacherSignal, build_loss
 from dskd.pipeline.losses.mined import build_vocab_map, dtw, edit_distance_matrix, token_bytes
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-TOKENIZERS = Path(os.environ.get("DSKD_TOKENIZERS_DIR", REPO_ROOT.parent / "shared" / "tokenizers"))
 PROMPT = "Question: what is the capital of France?\nAnswer:"
 RESPONSE = " The capital of France is Paris, a city of 2,100,000 people. Ça va? 東京"
 
 
 @pytest.fixture(scope="module")
-def toks():
+def toks(shared_dir):
     os.environ["HF_HUB_OFFLINE"] = "1"
     from transformers import AutoTokenizer
 
-    assert TOKENIZERS.is_dir(), f"tokenizers not found at {TOKENIZERS}"
-    return {n: AutoTokenizer.from_pretrained(str(TOKENIZERS / n)) for n in ("gpt2", "mistral", "qwen2")}
+    tokenizers = shared_dir / "tokenizers"
+    assert tokenizers.is_dir(), f"tokenizers not found at {tokenizers}"
+    return {n: AutoTokenizer.from_pretrained(str(tokenizers / n)) for n in ("gpt2", "mistral", "qwen2")}
 
 
 def _seq(tok, prompt=PROMPT, response=RESPONSE):
