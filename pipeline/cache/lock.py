@@ -138,8 +138,6 @@ class ObjectLock:
         first: if the object changes in between, the content is the newer one and a write
         conditional on the older ETag fails, which is the safe side."""
         fs, path = self.store.fs, self._path(name)
-        fs.invalidate_cache(self.store.path(LOCKS_DIR))  # never a cached listing
-        fs.invalidate_cache(path)
         try:
             etag = fs.info(path).get("ETag")
             body = fs.cat_file(path)
@@ -308,16 +306,18 @@ def conditional_writes(fs: Any) -> bool:
 def _precondition_failed(e: BaseException) -> bool:
     """The store refused a conditional write: S3's 412 PreconditionFailed, or 409
     ConditionalRequestConflict while another conditional write to the key is in flight."""
-    cause = e.__cause__ or e
-    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
+    return _error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
 def _unsupported(e: OSError) -> bool:
     """The store does not implement conditional writes (501 NotImplemented; s3fs: ENOSYS)."""
+    return _error_code(e) == "NotImplemented" or e.errno == errno.ENOSYS
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The S3 error code behind an s3fs OSError (botocore's ``response``), if any."""
     cause = e.__cause__ or e
-    code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
-    return code == "NotImplemented" or e.errno == errno.ENOSYS
+    return (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
 
 
 def _alive(info: dict[str, Any]) -> bool:

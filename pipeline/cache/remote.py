@@ -167,7 +167,9 @@ class Store:
         with store_errors(self.url, "opening the store"):
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            # no listings cache: the store moves on under us (other writers, a wipe, a repair),
+            # and a stale listing once hid a deleted object; every listing asks the store
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, use_listings_cache=False)
         self.root = self.root.rstrip("/")
         key = hashlib.sha256(self.url.encode()).hexdigest()[:16] + (f"-{writer}" if writer else "")
         self.view = view or view_root() / key
@@ -234,7 +236,6 @@ class Store:
         """Copy one small object (or every object under a small prefix) into the view, unless
         the view's copy has the same size and the checksum the manifest records for it."""
         src = self.path(rel)
-        self.fs.invalidate_cache(src)  # listings are cached per filesystem; the store moves on
         files = ({src: self.fs.info(src)["size"]} if self.fs.isfile(src)
                  else {f: i["size"] for f, i in self.fs.find(src, detail=True).items()})
         for f, size in files.items():
@@ -257,7 +258,6 @@ class Store:
     def remove(self, *rels: str) -> None:
         with store_errors(self.url, "deleting objects"):
             for rel in rels:
-                self.fs.invalidate_cache(self.path(rel))
                 if self.fs.exists(self.path(rel)):
                     self.fs.rm(self.path(rel), recursive=True)
 
@@ -268,7 +268,6 @@ class Store:
         name = record["name"]
         with store_errors(self.url, f"uploading shard {name}"):
             prefix = self.path(SHARDS_DIR, name)
-            self.fs.invalidate_cache(prefix)
             if self.fs.exists(prefix):
                 self.fs.rm(prefix, recursive=True)
             local = self.view / SHARDS_DIR / name
@@ -284,7 +283,6 @@ class Store:
         """Delete the cache's objects (not the locks), the manifest first: a wipe cut short
         leaves no cache. The view is cleared too."""
         with store_errors(self.url, "deleting the cache (--overwrite)"):
-            self.fs.invalidate_cache(self.root)
             if self.fs.exists(self.path(MANIFEST)):
                 self.fs.rm_file(self.path(MANIFEST))
             failpoint("store.wipe.manifest_deleted")  # no cache any more; its objects remain
@@ -301,7 +299,6 @@ class Store:
         """Every object under a shard's prefix (relative path → bytes)."""
         prefix = self.path(SHARDS_DIR, name)
         with store_errors(self.url, f"listing shard {name}"):
-            self.fs.invalidate_cache(prefix)
             try:
                 found = self.fs.find(prefix, detail=True)
             except FileNotFoundError:
