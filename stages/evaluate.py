@@ -652,15 +652,12 @@ def _print_summary(scores: dict, names: list[str], truth_scores: dict | None = N
     from rich.table import Table
 
     if truth_scores:  # the exact numbers first, as in report.md
-        sets = {s for per_set in truth_scores.values() for s in per_set}
         t = Table(title="Against the truth (exact; lower excess KL is better)")
         t.add_column("model")
         for _, title in report_mod.TRUTH_COLUMNS:
             t.add_column(title, justify="right")
-        for m, per_set in truth_scores.items():
-            for sname, row in per_set.items():
-                t.add_row(m if len(sets) == 1 else f"{m} · {sname}",
-                          *report_mod.truth_cells(row))
+        for name, cells in report_mod.truth_rows(truth_scores):
+            t.add_row(name, *cells)
         _print_unwrapped(t)
     table, columns = report_mod.score_table(scores, "rougeL")
     t = Table(title="ROUGE-L (mean ± std over seeds)")

@@ -108,21 +108,21 @@ ROUGE_NOTE = ("ROUGE-L (the paper's metric) scores each sampled answer against i
               "does, and it carries sampling noise.")
 
 
-def truth_cells(t: dict) -> list[str]:
-    """One model's TRUTH_COLUMNS as table cells (validity in %)."""
-    return ["–" if t.get(k) is None else f"{100 * t[k]:.1f}" if k == "validity" else f"{t[k]:.4f}"
-            for k, _ in TRUTH_COLUMNS]
+def truth_rows(truth: dict) -> list[tuple[str, list[str]]]:
+    """(row name, cells) per model and eval set: named "model · set" when there are several
+    sets; cells are TRUTH_COLUMNS (validity in %). One layout for report.md and the console."""
+    sets = {s for per_set in truth.values() for s in per_set}
+    return [(model if len(sets) == 1 else f"{model} · {sname}",
+             ["–" if t.get(k) is None else f"{100 * t[k]:.1f}" if k == "validity"
+              else f"{t[k]:.4f}" for k, _ in TRUTH_COLUMNS])
+            for model, per_set in truth.items() for sname, t in per_set.items()]
 
 
 def truth_table(truth: dict) -> str:
     """Rows model (· set when several), columns TRUTH_COLUMNS."""
-    sets = sorted({s for per_set in truth.values() for s in per_set})
     lines = ["| model | " + " | ".join(c[1] for c in TRUTH_COLUMNS) + " |",
              "|---|" + "---:|" * len(TRUTH_COLUMNS)]
-    for model, per_set in truth.items():
-        for sname, t in per_set.items():
-            name = model if len(sets) == 1 else f"{model} · {sname}"
-            lines.append(f"| {name} | " + " | ".join(truth_cells(t)) + " |")
+    lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in truth_rows(truth)]
     return "\n".join(lines)
 
 
